@@ -1,0 +1,28 @@
+"""
+Where token sets live between two uses: ``CredentialStore[T]`` and its backends.
+
+The contract (what ``load``, ``save`` and ``clear`` promise) is in
+:mod:`tokensync.stores.base`. Backends are independent of each other and import
+their optional dependencies (Redis, keyring) themselves; this package only
+gathers the public names.
+"""
+
+from __future__ import annotations
+
+from tokensync.stores.base import AsyncCredentialStore, CredentialStore, StoreError
+from tokensync.stores.file import FileStore
+from tokensync.stores.keyring import KeyringStore
+from tokensync.stores.memory import AsyncMemoryStore, MemoryStore
+from tokensync.stores.redis import AsyncRedisStore, RedisStore
+
+__all__ = [
+    "AsyncCredentialStore",
+    "AsyncMemoryStore",
+    "AsyncRedisStore",
+    "CredentialStore",
+    "FileStore",
+    "KeyringStore",
+    "MemoryStore",
+    "RedisStore",
+    "StoreError",
+]

@@ -1,0 +1,146 @@
+"""
+Credential stores keep one value (usually a :class:`~tokensync.models.TokenSet`)
+somewhere between two uses of it: in memory, in a file, in Redis, in the OS keyring.
+
+A store is deliberately dumb: it holds *one* value under *one* name that the
+caller chose (a path, a key, an endpoint), and knows nothing of OAuth2. Whatever
+decides when a token is stale lives above it, in ``tokensync.auth``.
+
+Invariants every implementation keeps (the contract tests in
+``tests/unit/test_stores.py`` run the same assertions against every backend):
+
+* ``load() -> T | None`` returns ``None`` when nothing is stored, *and* when the
+  stored payload cannot be decoded. A damaged entry is the same as an absent one
+  to the caller, who will simply log in or refresh again; it is never a crash.
+  The store logs a warning in that case, and the warning never includes the
+  payload nor the decoder's error text (pydantic echoes the input value in its
+  messages, and the input value is the secret).
+* ``save(value)`` replaces whatever was stored, entirely: no merging, and no
+  leftovers of the previous value (e.g. a refresh token that the new value lacks).
+* ``clear()`` is idempotent: clearing an empty store is not an error.
+* ``load()`` never mutates: a damaged entry is left where it is for a human to see.
+* Stores do not interpret expiry. The only exception is the Redis TTL, and even
+  there the lifetime is given by the caller (a number or a function of the value).
+* Backends never import each other (import-linter enforces it); each one depends
+  on this module and on ``tokensync.models`` only.
+* Stores never reveal what they hold: not in ``repr()``, not in logs, not in
+  exception messages.
+* :class:`StoreError` means "the backend itself is unreachable or failing" (Redis
+  is down, the file is not readable). It is raised, not swallowed, because
+  pretending that nothing is stored would make the caller re-authenticate in a
+  loop against an identity provider while the real problem is the store.
+  The keyring store is the one deliberate exception: it is a convenience for
+  interactive use and degrades to "not persisted" with a single warning.
+
+Serialisation is the caller's choice for the stores that need one (file, Redis):
+``serialize: Callable[[T], str | bytes]`` and ``deserialize: Callable[[str | bytes], T]``.
+For token sets, that is ``TokenSet.to_json`` and ``TokenSet.from_json``. The
+decoder must accept both ``str`` and ``bytes``: which one it gets depends on the
+backend and its configuration (e.g. ``decode_responses=True`` in Redis).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = [
+    "AsyncCredentialStore",
+    "CredentialStore",
+    "Deserializer",
+    "Serializer",
+    "StoreError",
+    "decode_or_none",
+]
+
+T = TypeVar("T")
+
+Serializer = Callable[[T], str | bytes]
+Deserializer = Callable[[str | bytes], T]
+
+
+class StoreError(Exception):
+    """
+    The backend itself is unreachable or failing, not the value in it.
+
+    Messages name the store (a path, a key) and the kind of failure, never the
+    payload; the original backend exception is chained for debugging.
+    """
+
+
+class CredentialStore(Generic[T], metaclass=abc.ABCMeta):
+    """
+    Base class and interface of the synchronous stores.
+
+    Small on purpose: three operations on one value. Anything richer (several
+    values, listing, versioning) belongs to a store that knows more about its
+    values, and would leak the backend's model into the token logic.
+    """
+
+    @abc.abstractmethod
+    def load(self) -> T | None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def save(self, value: T) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:  # a hook, deliberately not abstract
+        """Release what the store owns; most own nothing (clients are the caller's)."""
+
+
+class AsyncCredentialStore(Generic[T], metaclass=abc.ABCMeta):
+    """
+    The asyncio twin of :class:`CredentialStore`, with the very same contract.
+
+    A separate class rather than awaitable results on one class: a caller
+    awaiting a sync store, or forgetting to await an async one, is then a type
+    error instead of a silently un-run coroutine.
+    """
+
+    @abc.abstractmethod
+    async def load(self) -> T | None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def save(self, value: T) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:  # a hook, deliberately not abstract
+        """Release what the store owns; most own nothing (clients are the caller's)."""
+
+
+def decode_or_none(
+    deserialize: Deserializer[T],
+    payload: str | bytes,
+    *,
+    logger: logging.Logger,
+    where: str,
+) -> T | None:
+    """
+    Decode a stored payload, or warn and give ``None`` when it is damaged.
+
+    Any exception of the caller's decoder counts as "undecodable": the decoder is
+    arbitrary code, and a store that crashes on a half-written or foreign entry
+    locks the user out until someone deletes it by hand. Only the exception's
+    *type* is logged: its text may quote the payload (pydantic does).
+    """
+    try:
+        return deserialize(payload)
+    except Exception as exc:
+        logger.warning(
+            "Ignoring an undecodable credential in %s (%s); treating it as absent.",
+            where,
+            type(exc).__name__,
+        )
+        return None

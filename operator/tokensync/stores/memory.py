@@ -1,0 +1,69 @@
+"""
+In-process stores: the default for a library user who only needs tokens fresh
+for the lifetime of one process, and the reference implementation of the contract.
+
+The value is kept by reference, not serialised: there is nothing to decode, so
+the "undecodable payload" case cannot happen here. That is only safe for
+immutable values, which is why :class:`~tokensync.models.TokenSet` is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from tokensync.stores.base import AsyncCredentialStore, CredentialStore
+
+__all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+T = TypeVar("T")
+
+
+class MemoryStore(CredentialStore[T]):
+    """
+    One value held in a Python attribute.
+
+    No lock: a single attribute assignment or read is atomic under the GIL, and
+    the contract asks for nothing more than last-writer-wins.
+    """
+
+    def __init__(self) -> None:
+        self._value: T | None = None
+
+    def __repr__(self) -> str:
+        # The state, never the value: a repr ends up in logs and tracebacks.
+        state = "empty" if self._value is None else "holding a value"
+        return f"<{type(self).__name__} {state}>"
+
+    def load(self) -> T | None:
+        return self._value
+
+    def save(self, value: T) -> None:
+        self._value = value
+
+    def clear(self) -> None:
+        self._value = None
+
+
+class AsyncMemoryStore(AsyncCredentialStore[T]):
+    """
+    The asyncio twin of :class:`MemoryStore`.
+
+    No ``asyncio.Lock`` either: there is no ``await`` inside the operations, so
+    no other task can interleave with them.
+    """
+
+    def __init__(self) -> None:
+        self._value: T | None = None
+
+    def __repr__(self) -> str:
+        state = "empty" if self._value is None else "holding a value"
+        return f"<{type(self).__name__} {state}>"
+
+    async def load(self) -> T | None:
+        return self._value
+
+    async def save(self, value: T) -> None:
+        self._value = value
+
+    async def clear(self) -> None:
+        self._value = None

@@ -1,0 +1,175 @@
+"""
+Stores in one Redis key: what several operator replicas, or several services
+behind one client id, share so that only one of them has to refresh.
+
+The value is one string key written with a single ``SET``, which Redis applies
+atomically; a plain ``SET`` also drops any TTL of the previous value, so "save
+replaces" holds for the expiry too.
+
+The TTL is the caller's business, because stores do not interpret tokens: a
+fixed number of seconds, or a function of the value (e.g. the refresh token's
+remaining lifetime, after which the entry is useless anyway). Non-positive,
+infinite or ``None`` lifetimes mean "no expiry": dropping a value the moment it
+is written would be a surprising way to say "unknown". Redis's ``EX`` takes
+whole seconds; fractions are rounded *up*, so that a short positive lifetime
+never becomes an immediate expiry.
+
+Redis failures of any kind (refused connections, timeouts, authentication,
+wrong key types) are :class:`~tokensync.stores.base.StoreError`: the caller must
+be able to tell "nothing stored" from "the store is down". The clients belong to
+the caller, with their pools and retry policies, and are not closed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import redis
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from tokensync.models import TokenSet
+from tokensync.stores.base import (
+    AsyncCredentialStore,
+    CredentialStore,
+    Deserializer,
+    Serializer,
+    StoreError,
+    decode_or_none,
+)
+
+__all__ = ["TTL", "AsyncRedisStore", "RedisStore"]
+
+T = TypeVar("T")
+
+TTL = float | Callable[[T], float | None] | None
+
+logger = logging.getLogger(__name__)
+
+
+class RedisStore(CredentialStore[T]):
+    """One value in one Redis key, over a synchronous ``redis.Redis`` client."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        key: str,
+        serialize: Serializer[T],
+        deserialize: Deserializer[T],
+        ttl_seconds: TTL[T] = None,
+    ) -> None:
+        self._client = redis_client
+        self._key = key
+        self._serialize = serialize
+        self._deserialize = deserialize
+        self._ttl = ttl_seconds
+
+    @classmethod
+    def for_tokens(
+        cls, redis_client: redis.Redis, key: str, ttl_seconds: TTL[TokenSet] = None
+    ) -> RedisStore[TokenSet]:
+        """A store of token sets in their JSON codec, the usual case."""
+        return RedisStore[TokenSet](redis_client, key, TokenSet.to_json, TokenSet.from_json, ttl_seconds)
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        # Not the client: its repr is the caller's to show, and may name more than we should.
+        return f"{type(self).__name__}(key={self._key!r}, ttl_seconds={_describe(self._ttl)})"
+
+    def load(self) -> T | None:
+        with _failing(self._key, "read"):
+            payload = self._client.get(self._key)
+        if payload is None:
+            return None
+        return decode_or_none(self._deserialize, payload, logger=logger, where=repr(self))
+
+    def save(self, value: T) -> None:
+        payload = self._serialize(value)
+        expiry = _expiry(self._ttl, value)
+        with _failing(self._key, "write"):
+            self._client.set(self._key, payload, ex=expiry)
+
+    def clear(self) -> None:
+        with _failing(self._key, "delete"):
+            self._client.delete(self._key)
+
+
+class AsyncRedisStore(AsyncCredentialStore[T]):
+    """The asyncio twin of :class:`RedisStore`, over ``redis.asyncio.Redis``."""
+
+    def __init__(
+        self,
+        redis_client: redis.asyncio.Redis,
+        key: str,
+        serialize: Serializer[T],
+        deserialize: Deserializer[T],
+        ttl_seconds: TTL[T] = None,
+    ) -> None:
+        self._client = redis_client
+        self._key = key
+        self._serialize = serialize
+        self._deserialize = deserialize
+        self._ttl = ttl_seconds
+
+    @classmethod
+    def for_tokens(
+        cls, redis_client: redis.asyncio.Redis, key: str, ttl_seconds: TTL[TokenSet] = None
+    ) -> AsyncRedisStore[TokenSet]:
+        """A store of token sets in their JSON codec, the usual case."""
+        return AsyncRedisStore[TokenSet](redis_client, key, TokenSet.to_json, TokenSet.from_json, ttl_seconds)
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self._key!r}, ttl_seconds={_describe(self._ttl)})"
+
+    async def load(self) -> T | None:
+        with _failing(self._key, "read"):
+            payload = await self._client.get(self._key)
+        if payload is None:
+            return None
+        return decode_or_none(self._deserialize, payload, logger=logger, where=repr(self))
+
+    async def save(self, value: T) -> None:
+        payload = self._serialize(value)
+        expiry = _expiry(self._ttl, value)
+        with _failing(self._key, "write"):
+            await self._client.set(self._key, payload, ex=expiry)
+
+    async def clear(self) -> None:
+        with _failing(self._key, "delete"):
+            await self._client.delete(self._key)
+
+
+@contextlib.contextmanager
+def _failing(key: str, action: str) -> Iterator[None]:
+    # The exception's type is enough for the message; its text stays in the chained cause,
+    # which names hosts and ports but never values (Redis does not echo them back).
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreError(
+            f"Redis failed to {action} the credential key {key!r}: {type(exc).__name__}"
+        ) from exc
+
+
+def _expiry(ttl: TTL[T], value: T) -> int | None:
+    seconds = ttl(value) if callable(ttl) else ttl
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return math.ceil(seconds)
+
+
+def _describe(ttl: TTL[T]) -> str:
+    if callable(ttl):
+        return f"<{getattr(ttl, '__qualname__', type(ttl).__name__)}>"
+    return repr(ttl)
