@@ -100,9 +100,7 @@ class FileStore(CredentialStore[T]):
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise StoreError(
-                f"Cannot remove the credential file {str(self._path)!r}: {_reason(exc)}"
-            ) from exc
+            raise StoreError(f"Cannot remove the credential file {str(self._path)!r}: {_reason(exc)}") from exc
 
     def _make_parents(self) -> None:
         # Not os.makedirs(mode=0o700): since Python 3.7, its mode applies to the leaf
@@ -121,9 +119,7 @@ class FileStore(CredentialStore[T]):
         temporary = directory / f".{self._path.name}.{secrets.token_hex(8)}.tmp"
         # O_EXCL: never reuse (or follow a symlink planted at) an existing name, which could
         # be someone else's file with wider permissions.
-        flags = (
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(temporary, flags, _FILE_MODE)
         try:
             try:

@@ -69,9 +69,7 @@ class RedisStore(CredentialStore[T]):
         self._ttl = ttl_seconds
 
     @classmethod
-    def for_tokens(
-        cls, redis_client: redis.Redis, key: str, ttl_seconds: TTL[TokenSet] = None
-    ) -> RedisStore[TokenSet]:
+    def for_tokens(cls, redis_client: redis.Redis, key: str, ttl_seconds: TTL[TokenSet] = None) -> RedisStore[TokenSet]:
         """A store of token sets in their JSON codec, the usual case."""
         return RedisStore[TokenSet](redis_client, key, TokenSet.to_json, TokenSet.from_json, ttl_seconds)
 
@@ -157,9 +155,7 @@ def _failing(key: str, action: str) -> Iterator[None]:
     try:
         yield
     except RedisError as exc:
-        raise StoreError(
-            f"Redis failed to {action} the credential key {key!r}: {type(exc).__name__}"
-        ) from exc
+        raise StoreError(f"Redis failed to {action} the credential key {key!r}: {type(exc).__name__}") from exc
 
 
 def _expiry(ttl: TTL[T], value: T) -> int | None:
