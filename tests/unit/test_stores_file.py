@@ -42,10 +42,12 @@ def umask(value: int) -> Iterator[None]:
         os.umask(previous)
 
 
-# Audit hooks cannot be removed once added, so one hook for the whole session, which only
-# records while a test has put a list here. It sees the file system calls the store really
-# makes: the creation flags, and the file's mode at the instants it exists but is not final.
+# Audit hooks cannot be removed once added, so one hook for the rest of the session (added
+# on first use), which only records while a test has put a list here. It sees the file system
+# calls the store really makes: the creation flags, and the file's mode at the instants it
+# exists but is not final yet.
 _observed: list[tuple[str, Any]] | None = None
+_hooked = False
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
@@ -62,12 +64,12 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         observed.append(("renamed-mode", (source, stat.S_IMODE(os.stat(source).st_mode))))
 
 
-sys.addaudithook(_audit)
-
-
 @contextmanager
 def observe() -> Iterator[list[tuple[str, Any]]]:
-    global _observed
+    global _observed, _hooked
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
     _observed = []
     try:
         yield _observed
