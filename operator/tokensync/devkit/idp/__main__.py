@@ -10,6 +10,7 @@ parent's end of the stdin pipe closes with it.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -22,9 +23,7 @@ from tokensync.devkit.idp.server import start_idp
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tokensync.devkit.idp", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tokensync.devkit.idp", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1; 0 picks a free one")
     parser.add_argument("--config", type=Path, help="IdpConfig as JSON (default: no clients, no users)")
     parser.add_argument("--state-dir", type=Path, help="database, keys, admin token (default: a temp dir)")
@@ -60,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _wait_for_eof(stop: threading.Event) -> None:
-    while sys.stdin.buffer.read(4096):
+    # os.read, not sys.stdin: a daemon thread blocked inside the buffered reader holds
+    # its lock, and interpreter shutdown then aborts trying to take it.
+    fd = sys.stdin.fileno()
+    while os.read(fd, 4096):
         pass
     stop.set()
 

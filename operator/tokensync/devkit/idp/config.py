@@ -141,9 +141,7 @@ class ClientConfig(BaseModel):
         if presented == self.auth_method:
             return True
         secret_methods = ("client_secret_basic", "client_secret_post")
-        return (
-            not self.strict_auth_method and presented in secret_methods and self.auth_method in secret_methods
-        )
+        return not self.strict_auth_method and presented in secret_methods and self.auth_method in secret_methods
 
 
 class UserConfig(BaseModel):

@@ -112,9 +112,7 @@ def revoke_client_tokens(request: HttpRequest, body: dict[str, Any], client_id: 
             refresh_token.revoke()  # DOT's own revocation: marks it, deletes its access token
             refresh_count += 1
         access_tokens.delete()  # the rest: client_credentials tokens have no refresh token
-    return JsonResponse(
-        {"client_id": client_id, "refresh_tokens": refresh_count, "access_tokens": access_count}
-    )
+    return JsonResponse({"client_id": client_id, "refresh_tokens": refresh_count, "access_tokens": access_count})
 
 
 @_admin_only("GET")

@@ -37,13 +37,12 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 
 from tokensync.devkit.idp.config import AuthMethod, jwt_algorithm_for
 from tokensync.devkit.idp.state import STATE
-from tokensync.devkit.idp.wire import basic_client_id
+from tokensync.devkit.idp.wire import JWT_BEARER_ASSERTION_TYPE, basic_client_id
 
 __all__ = ["JWT_BEARER_ASSERTION_TYPE", "TokensyncValidator"]
 
 log = logging.getLogger(__name__)
 
-JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _TOTP_FORMAT = re.compile(r"\d{6}")
 #: Clock skew tolerated on ``exp``/``iat``/``nbf`` of client assertions.
 _LEEWAY_SECONDS = 5
@@ -157,9 +156,7 @@ class TokensyncValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships no
             token.pop("refresh_token", None)
         return super().save_bearer_token(token, request, *args, **kwargs)
 
-    def validate_user(
-        self, username: str, password: str, client: Any, request: Any, *args: Any, **kwargs: Any
-    ) -> bool:
+    def validate_user(self, username: str, password: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
         """Password first (DOT), then the TOTP code for users with a seed.
 
         ``valid_window=1`` accepts the previous and next 30 s step, as most servers do.
@@ -172,11 +169,7 @@ class TokensyncValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships no
         if seed is None:
             return True
         code = _param(request, "totp")
-        if (
-            code is None
-            or not _TOTP_FORMAT.fullmatch(code)
-            or not pyotp.TOTP(seed).verify(code, valid_window=1)
-        ):
+        if code is None or not _TOTP_FORMAT.fullmatch(code) or not pyotp.TOTP(seed).verify(code, valid_window=1):
             request.user = None
             return False
         return True

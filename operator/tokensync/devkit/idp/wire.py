@@ -6,7 +6,10 @@ import base64
 import binascii
 from urllib.parse import unquote_plus
 
-__all__ = ["basic_client_id"]
+__all__ = ["JWT_BEARER_ASSERTION_TYPE", "basic_client_id"]
+
+#: RFC 7523 §2.2 ``client_assertion_type`` of a JWT client assertion.
+JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 def basic_client_id(credentials: str) -> str | None:
