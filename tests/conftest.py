@@ -46,3 +46,64 @@ def redis_url(redis_server: RedisServer) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+# -- Identity provider: the real OAuth2 server (tokensync.devkit.idp) as a subprocess ------
+
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from support.idp import (  # noqa: E402
+    IdpKeys,
+    IdpProcess,
+    config_key,
+    generate_keys,
+    standard_config,
+    start_idp_process,
+)
+
+
+@pytest.fixture(scope="session")
+def idp_keys() -> IdpKeys:
+    """The RSA and EC P-256 key pairs of `jwt-rs-client` / `jwt-es-client`."""
+    return generate_keys()
+
+
+@pytest.fixture(scope="session")
+def idp(idp_keys: IdpKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdpProcess]:
+    """The standard IdP (support.idp.standard_config, access tokens live 3600 s), one per session.
+
+    Shared by every test: don't change its users or secrets permanently, or use `make_idp`.
+    """
+    server = start_idp_process(standard_config(idp_keys), tmp_path_factory.mktemp("idp"), keys=idp_keys)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_idp(idp_keys: IdpKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., IdpProcess]]:
+    """`make_idp(access_token_lifetime=2, ...)`: a standard IdP with IdpConfig fields changed.
+
+    One process per distinct set of changes, shared for the session; `fresh=True` forces a
+    new, unshared one (stopped at session end too).
+    """
+    cache: dict[str, IdpProcess] = {}
+    started: list[IdpProcess] = []
+
+    def make(*, fresh: bool = False, **changes: Any) -> IdpProcess:
+        key = config_key(changes)
+        if not fresh and key in cache and cache[key].running:
+            return cache[key]
+        server = start_idp_process(standard_config(idp_keys, **changes), tmp_path_factory.mktemp("idp"), keys=idp_keys)
+        started.append(server)
+        if not fresh:
+            cache[key] = server
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
