@@ -94,9 +94,7 @@ def test_expired_token_is_refreshed_with_the_refresh_token_and_rotation_is_saved
     store = ListStore(expired())
     tm = manager(idp, store=store)
     token = tm.token()
-    assert idp.grants() == [
-        {"grant_type": "refresh_token", "refresh_token": "refresh-0", "client_id": "tokensync"}
-    ]
+    assert idp.grants() == [{"grant_type": "refresh_token", "refresh_token": "refresh-0", "client_id": "tokensync"}]
     assert token.refresh_token is not None and token.refresh_token.get_secret_value() == "refresh-1"
     assert store.value == token
 
@@ -198,6 +196,20 @@ def test_no_token_is_returned_unless_it_was_saved():
     tm = manager(idp, store=ListStore(expired(), fail_saves=True))
     with pytest.raises(OSError, match="disk full"):
         tm.token()
+
+
+def test_a_token_the_store_refused_is_saved_before_it_is_served_later():
+    idp = FakeIdP(valid_refresh={"refresh-0"})
+    store = ListStore(expired(), fail_saves=True)
+    tm = manager(idp, store=store)
+    with pytest.raises(OSError, match="disk full"):
+        tm.token()
+    with pytest.raises(OSError, match="disk full"):
+        tm.authorization_header()
+    store.fail_saves = False
+    assert tm.authorization_header() == "Bearer access-1"
+    assert store.value is not None and store.value.access_token.get_secret_value() == "access-1"
+    assert len(idp.requests) == 1  # the rotated token was kept, not re-requested
 
 
 def test_force_refresh_renews_a_token_that_still_looks_valid():

@@ -132,9 +132,7 @@ class PrivateKeyJWT(ClientAuth):
         }
         extra_headers = {"kid": self.key_id} if self.key_id else None
         data["client_assertion_type"] = JWT_BEARER_ASSERTION
-        data["client_assertion"] = jwt.encode(
-            claims, self.private_key, algorithm=self.algorithm, headers=extra_headers
-        )
+        data["client_assertion"] = jwt.encode(claims, self.private_key, algorithm=self.algorithm, headers=extra_headers)
         data["client_id"] = self.client_id
 
     def secret_values(self) -> tuple[str, ...]:

@@ -100,9 +100,7 @@ def _post(
     )
 
 
-_SECRET_FIELDS = frozenset(
-    {"password", "client_secret", "refresh_token", "client_assertion", "totp", "otp", "code"}
-)
+_SECRET_FIELDS = frozenset({"password", "client_secret", "refresh_token", "client_assertion", "totp", "otp", "code"})
 
 
 def renew_flow(
@@ -202,8 +200,7 @@ def parse_token_response(
     if 200 <= status_code < 300:
         if not isinstance(payload, dict):
             raise InvalidResponseError(
-                f"token endpoint answered HTTP {status_code} with a non-JSON body "
-                f"({content_type}, {len(body)} bytes)",
+                f"token endpoint answered HTTP {status_code} with a non-JSON body ({content_type}, {len(body)} bytes)",
                 status_code=status_code,
             )
         try:

@@ -83,6 +83,10 @@ class _ManagerBase:
         self.token_url = token_url
         self.expiry_skew = expiry_skew
         self._current: TokenSet | None = None
+        # A token set the store refused: it is held in memory only, so it is not
+        # served until a later save succeeds (the store must never be behind a
+        # rotated refresh token that callers are already relying on).
+        self._unsaved: TokenSet | None = None
 
     @property
     def token_set(self) -> TokenSet | None:
@@ -90,10 +94,12 @@ class _ManagerBase:
         return self._current
 
     def _usable(self, token_set: TokenSet | None) -> bool:
-        return token_set is not None and token_set.access_valid(self.expiry_skew)
+        return token_set is not None and self._unsaved is None and token_set.access_valid(self.expiry_skew)
 
     def _newest(self, stored: TokenSet | None) -> TokenSet | None:
         current = self._current
+        if self._unsaved is not None:
+            return current
         if stored is not None and (current is None or stored.issued_at >= current.issued_at):
             self._current = stored
         return self._current
@@ -171,21 +177,31 @@ class TokenManager(_ManagerBase):
     def clear(self) -> None:
         """Forget every token, in memory and in the store (a logout)."""
         with self._lock:
-            self._current = None
+            self._current = self._unsaved = None
             if self._store is not None:
                 self._store.clear()
 
     def _reload(self) -> TokenSet | None:
-        return self._newest(self._store.load() if self._store is not None else None)
+        if self._store is None:
+            return self._current
+        if self._unsaved is not None:
+            self._persist(self._unsaved)
+            return self._current
+        return self._newest(self._store.load())
+
+    def _persist(self, token_set: TokenSet) -> None:
+        self._current = token_set
+        if self._store is not None:
+            self._unsaved = token_set
+            self._store.save(token_set)
+            self._unsaved = None
 
     def _drive(self, flow: Generator[Step, Any, TokenSet]) -> TokenSet:
         try:
             step = next(flow)
             while True:
                 if isinstance(step, Persist):
-                    self._current = step.token_set
-                    if self._store is not None:
-                        self._store.save(step.token_set)
+                    self._persist(step.token_set)
                     step = flow.send(None)
                     continue
                 try:
@@ -251,21 +267,31 @@ class AsyncTokenManager(_ManagerBase):
     async def clear(self) -> None:
         """Forget every token, in memory and in the store (a logout)."""
         async with self._lock:
-            self._current = None
+            self._current = self._unsaved = None
             if self._store is not None:
                 await self._store.clear()
 
     async def _reload(self) -> TokenSet | None:
-        return self._newest(await self._store.load() if self._store is not None else None)
+        if self._store is None:
+            return self._current
+        if self._unsaved is not None:
+            await self._persist(self._unsaved)
+            return self._current
+        return self._newest(await self._store.load())
+
+    async def _persist(self, token_set: TokenSet) -> None:
+        self._current = token_set
+        if self._store is not None:
+            self._unsaved = token_set
+            await self._store.save(token_set)
+            self._unsaved = None
 
     async def _drive(self, flow: Generator[Step, Any, TokenSet]) -> TokenSet:
         try:
             step = next(flow)
             while True:
                 if isinstance(step, Persist):
-                    self._current = step.token_set
-                    if self._store is not None:
-                        await self._store.save(step.token_set)
+                    await self._persist(step.token_set)
                     step = flow.send(None)
                     continue
                 try:

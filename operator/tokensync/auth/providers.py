@@ -164,9 +164,7 @@ class ClientCredentialsAuth(AuthProvider):
 
     grant_type = "client_credentials"
 
-    def __init__(
-        self, client_id: str, client_secret: str | None = None, **options: Unpack[ClientOptions]
-    ) -> None:
+    def __init__(self, client_id: str, client_secret: str | None = None, **options: Unpack[ClientOptions]) -> None:
         if options.get("method") is None and options.get("private_key") is None:
             options["method"] = "client_secret_basic"
         self._init_client(client_id, client_secret, options)

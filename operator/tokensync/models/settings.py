@@ -1,0 +1,36 @@
+"""Operator settings: environment (``TOKENSYNC_*``), flags, or a mounted file.
+
+Everything a tenant must not control lives here rather than in the custom
+resource: the Redis URL and password, the encryption key, which token URLs are
+allowed. pydantic-settings reads them (and ``*_FILE`` style secrets through
+``secrets_dir``) so the same model serves the CLI, the Deployment and tests.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokensync.models.credential import StoreBackend
+
+__all__ = ["OperatorSettings"]
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENSYNC_", env_nested_delimiter="__", extra="ignore")
+
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty means the whole cluster."
+    )
+    default_store: StoreBackend = Field(default=StoreBackend.SECRET, description="Store for CRs that name none.")
+    redis_url: SecretStr | None = Field(default=None, description="redis:// or rediss:// URL of the Redis store.")
+    redis_key_prefix: str = Field(default="tokensync:", description="Prefix of every Redis key.")
+    concurrency: int = Field(default=32, ge=1, le=1024, description="Credentials renewed at the same time.")
+    expiry_skew: float = Field(default=5.0, ge=0, description="Seconds before expiry a token counts as expired.")
+    jitter_fraction: float = Field(default=0.05, ge=0, le=0.5, description="Spread of refresh times.")
+    backoff_initial: float = Field(default=5.0, gt=0, description="First retry delay after a transient failure.")
+    backoff_max: float = Field(default=300.0, gt=0, description="Longest retry delay.")
+    allow_insecure_http: bool = Field(
+        default=False, description="Allow plain http:// token URLs on non-loopback hosts."
+    )
+    discovery_ttl: float = Field(default=3600.0, gt=0, description="How long an OIDC discovery document is cached.")
