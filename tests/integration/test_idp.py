@@ -336,6 +336,19 @@ def test_short_lived_idp_and_admin_changes(http, make_idp):
     assert idp.stop() == 0, "SIGTERM should shut the IdP down cleanly"
 
 
+def test_restart_keeps_port_and_tokens(http, make_idp):
+    idp = make_idp(fresh=True)
+    login = _password_login(http, idp)
+    assert idp.stop() == 0
+
+    with pytest.raises(httpx.ConnectError):
+        http.post(idp.token_url, data={"grant_type": "client_credentials"})
+    idp.start()
+
+    assert idp.introspect(login["access_token"])["active"] is True
+    assert _refresh(http, idp, login["refresh_token"]).status_code == 200
+
+
 # -- the in-process API (in a child process: Django settings are global) ---------------
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "IdpKeys",
     "IdpProcess",
     "client_assertion",
+    "config_key",
     "generate_keys",
     "standard_config",
     "start_idp_process",
@@ -255,6 +256,21 @@ class IdpProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start it again after :meth:`stop`: same port, same database (issued tokens survive).
+
+        For outage tests. The admin token changes with every start; :attr:`admin` follows.
+        """
+        if self.running:
+            return
+        self._process, url, admin_token = _spawn(self.state_dir, self.port, timeout)
+        assert url == self.url, (url, self.url)
+        self.admin = IdpAdmin(url, admin_token)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``; the exit code.
 
@@ -282,26 +298,40 @@ def start_idp_process(
     state_dir: Path,
     *,
     keys: IdpKeys | None = None,
+    port: int = 0,
     timeout: float = READY_TIMEOUT,
 ) -> IdpProcess:
-    """Start the IdP on a free port and wait for its READY line (stderr in the error if not)."""
+    """Start the IdP (``port=0``: a free port) and wait for its READY line (stderr in the error if not)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     config_path = state_dir / "config.json"
     config_path.write_text(config.to_json())
     config_path.chmod(0o600)
+    process, url, admin_token = _spawn(state_dir, port, timeout)
+    return IdpProcess(
+        config=config,
+        url=url,
+        state_dir=state_dir,
+        admin=IdpAdmin(url, admin_token),
+        keys=keys,
+        _process=process,
+    )
+
+
+def _spawn(state_dir: Path, port: int, timeout: float) -> tuple[subprocess.Popen[bytes], str, str]:
     stderr_path = state_dir / "stderr.log"
-    with stderr_path.open("wb") as stderr:
+    with stderr_path.open("ab") as stderr:
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "tokensync.devkit.idp",
                 "--port",
-                "0",
+                str(port),
                 "--config",
-                str(config_path),
+                str(state_dir / "config.json"),
                 "--state-dir",
                 str(state_dir),
+                # If pytest dies without stopping us, our stdin closes and we exit.
                 "--exit-on-stdin-eof",
             ],
             stdin=subprocess.PIPE,
@@ -324,15 +354,7 @@ def start_idp_process(
             f"(exit code {process.returncode}, stdout {ready!r}); stderr:\n" + stderr_path.read_text(errors="replace")
         )
     url = ready.split(" ", 1)[1]
-    admin_token = (state_dir / ADMIN_TOKEN_FILE).read_text()
-    return IdpProcess(
-        config=config,
-        url=url,
-        state_dir=state_dir,
-        admin=IdpAdmin(url, admin_token),
-        keys=keys,
-        _process=process,
-    )
+    return process, url, (state_dir / ADMIN_TOKEN_FILE).read_text()
 
 
 def config_key(changes: dict[str, Any]) -> str:

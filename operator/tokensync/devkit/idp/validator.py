@@ -50,7 +50,7 @@ _LEEWAY_SECONDS = 5
 
 def _param(request: Any, name: str) -> str | None:
     """A form parameter of an oauthlib request; ``None`` when absent or empty."""
-    value = cast(dict[str, Any], request._params).get(name)
+    value = getattr(request, name, None)  # oauthlib exposes every form field as an attribute
     return value if isinstance(value, str) and value else None
 
 
