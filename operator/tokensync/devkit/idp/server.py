@@ -207,7 +207,8 @@ def _apply_config(config: IdpConfig, *, admin_token: str, base_url: str) -> None
 
     application_model = get_application_model()
     user_model = get_user_model()
-    clients = (*config.clients, _introspector(admin_token))
+    introspector = _introspector(admin_token)
+    clients = (*config.clients, introspector)
     with transaction.atomic():
         for client in clients:
             if client.client_secret is not None:
@@ -244,7 +245,7 @@ def _apply_config(config: IdpConfig, *, admin_token: str, base_url: str) -> None
             account.save()
         user_model.objects.exclude(username__in=[u.username for u in config.users]).delete()
 
-    STATE.load(config, extra_clients=[clients[-1]])
+    STATE.load(config, extra_clients=[introspector])
     STATE.assertion_audiences = (
         base_url + TOKEN_PATH,
         (base_url + TOKEN_PATH).rstrip("/"),

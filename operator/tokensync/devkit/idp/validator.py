@@ -79,6 +79,9 @@ class TokensyncValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships no
         presented: AuthMethod
         if basic is not None:
             presented, client_id = "client_secret_basic", basic_client_id(basic)
+            body_client_id = _param(request, "client_id")
+            if body_client_id is not None and body_client_id != client_id:
+                return False  # two identities in one request (oauthlib would answer 500)
         else:
             presented, client_id = "client_secret_post", _param(request, "client_id")
         policy = STATE.client(client_id)
