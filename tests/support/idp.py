@@ -26,6 +26,7 @@ import jwt
 import pyotp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import BaseModel
 
 from tokensync.devkit.idp import IdpAdmin, IdpConfig
 from tokensync.devkit.idp.config import ClientConfig, UserConfig
@@ -358,5 +359,12 @@ def _spawn(state_dir: Path, port: int, timeout: float) -> tuple[subprocess.Popen
 
 
 def config_key(changes: dict[str, Any]) -> str:
-    """A stable cache key for :func:`standard_config` overrides."""
-    return json.dumps(changes, sort_keys=True, default=str)
+    """A stable cache key for :func:`standard_config` overrides (secrets included, so
+    two configs differing only in a secret do not share an IdP)."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json", context={"reveal_secrets": True})
+        return str(value)
+
+    return json.dumps(changes, sort_keys=True, default=encode)
