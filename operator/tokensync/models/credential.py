@@ -106,8 +106,15 @@ class StoreBackend(StrEnum):
 class SecretKeyRef(_Model):
     """A key of a Secret in the resource's own namespace (no namespace field on purpose)."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=SECRET_NAME_PATTERN)
-    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_NAME_PATTERN,
+        description="The Secret's name, in the same namespace.",
+    )
+    key: str = Field(
+        min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN, description="The key within the Secret's data."
+    )
 
 
 class IssuerSpec(_Model):
@@ -124,10 +131,26 @@ class IssuerSpec(_Model):
         }
     )
 
-    token_url: str | None = Field(default=None, alias="tokenURL", max_length=2048, pattern=URL_PATTERN)
-    issuer_url: str | None = Field(default=None, alias="issuerURL", max_length=2048, pattern=URL_PATTERN)
-    ca_secret_ref: SecretKeyRef | None = Field(default=None, alias="caSecretRef")
-    timeout: Duration | None = None
+    token_url: str | None = Field(
+        default=None,
+        alias="tokenURL",
+        max_length=2048,
+        pattern=URL_PATTERN,
+        description="The OAuth2 token endpoint (RFC 6749 3.2).",
+    )
+    issuer_url: str | None = Field(
+        default=None,
+        alias="issuerURL",
+        max_length=2048,
+        pattern=URL_PATTERN,
+        description="An OpenID Connect issuer; the token endpoint is discovered from its metadata.",
+    )
+    ca_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        alias="caSecretRef",
+        description="A PEM CA bundle to trust for the issuer instead of the system roots.",
+    )
+    timeout: Duration | None = Field(default=None, description="Timeout of one token request, like 10s (the default).")
 
     @model_validator(mode="after")
     def _one_url(self) -> IssuerSpec:
@@ -171,23 +194,51 @@ class GrantSpec(_Model):
         }
     )
 
-    type: GrantType
-    client_id: str = Field(alias="clientID", min_length=1, max_length=512)
-    client_secret_ref: SecretKeyRef | None = Field(default=None, alias="clientSecretRef")
-    client_auth_method: ClientAuthMethod | None = Field(default=None, alias="clientAuthMethod")
-    private_key_ref: SecretKeyRef | None = Field(default=None, alias="privateKeyRef")
-    signing_algorithm: Literal["RS256", "ES256"] | None = Field(default=None, alias="signingAlgorithm")
-    key_id: str | None = Field(default=None, alias="keyID", max_length=256)
-    username_ref: SecretKeyRef | None = Field(default=None, alias="usernameRef")
-    password_ref: SecretKeyRef | None = Field(default=None, alias="passwordRef")
-    totp_secret_ref: SecretKeyRef | None = Field(default=None, alias="totpSecretRef")
-    refresh_token_ref: SecretKeyRef | None = Field(default=None, alias="refreshTokenRef")
-    scopes: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#-\[\]-~]+$")]] | None = Field(
-        default=None, max_length=64
+    type: GrantType = Field(description="The OAuth2 grant that obtains tokens.")
+    client_id: str = Field(alias="clientID", min_length=1, max_length=512, description="The OAuth2 client_id.")
+    client_secret_ref: SecretKeyRef | None = Field(
+        default=None, alias="clientSecretRef", description="The client secret, for confidential clients."
     )
-    audience: str | None = Field(default=None, max_length=1024)
+    client_auth_method: ClientAuthMethod | None = Field(
+        default=None,
+        alias="clientAuthMethod",
+        description="How the client authenticates to the token endpoint. Default: private_key_jwt with a "
+        "privateKeyRef, else client_secret_basic with a clientSecretRef, else none (a public client).",
+    )
+    private_key_ref: SecretKeyRef | None = Field(
+        default=None, alias="privateKeyRef", description="A PEM private key that signs private_key_jwt assertions."
+    )
+    signing_algorithm: Literal["RS256", "ES256"] | None = Field(
+        default=None, alias="signingAlgorithm", description="The private_key_jwt signing algorithm (default RS256)."
+    )
+    key_id: str | None = Field(
+        default=None, alias="keyID", max_length=256, description="The kid header of private_key_jwt assertions."
+    )
+    username_ref: SecretKeyRef | None = Field(
+        default=None, alias="usernameRef", description="The resource owner's username (password grant)."
+    )
+    password_ref: SecretKeyRef | None = Field(
+        default=None, alias="passwordRef", description="The resource owner's password (password grant)."
+    )
+    totp_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        alias="totpSecretRef",
+        description="A base32 TOTP seed; a current one-time code is sent with the password grant.",
+    )
+    refresh_token_ref: SecretKeyRef | None = Field(
+        default=None,
+        alias="refreshTokenRef",
+        description="The initial refresh token (refresh_token grant); rotated tokens are kept in the store.",
+    )
+    scopes: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#-\[\]-~]+$")]] | None = Field(
+        default=None, max_length=64, description="Scopes to request."
+    )
+    audience: str | None = Field(default=None, max_length=1024, description="The audience parameter to send, if any.")
     extra_params: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
-        default=None, alias="extraParams", max_length=32
+        default=None,
+        alias="extraParams",
+        max_length=32,
+        description="Extra form parameters for the token request; standard parameters cannot be overridden.",
     )
 
     @model_validator(mode="after")
@@ -244,9 +295,19 @@ class RefreshSpec(_Model):
         }
     )
 
-    renew_before: Duration | None = Field(default=None, alias="renewBefore")
-    renew_before_percentage: int | None = Field(default=None, alias="renewBeforePercentage", ge=1, le=99)
-    min_interval: Duration | None = Field(default=None, alias="minInterval")
+    renew_before: Duration | None = Field(
+        default=None, alias="renewBefore", description="Renew this long before the access token expires, like 5m."
+    )
+    renew_before_percentage: int | None = Field(
+        default=None,
+        alias="renewBeforePercentage",
+        ge=1,
+        le=99,
+        description="Renew when this percentage of the issued lifetime is left.",
+    )
+    min_interval: Duration | None = Field(
+        default=None, alias="minInterval", description="The least time between two refreshes (default 10s)."
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> RefreshSpec:
@@ -261,12 +322,30 @@ class RefreshSpec(_Model):
 class TargetSpec(_Model):
     """The Secret that workloads mount."""
 
-    secret_name: str | None = Field(default=None, alias="secretName", max_length=253, pattern=SECRET_NAME_PATTERN)
-    type: str | None = Field(default=None, max_length=253, pattern=r"^[-._a-zA-Z0-9/]+$")
-    labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=64)
-    annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=64)
-    template: dict[str, Annotated[str, Field(max_length=16384)]] | None = Field(default=None, max_length=32)
-    deletion_policy: DeletionPolicy | None = Field(default=None, alias="deletionPolicy")
+    secret_name: str | None = Field(
+        default=None,
+        alias="secretName",
+        max_length=253,
+        pattern=SECRET_NAME_PATTERN,
+        description="The name of the Secret to write.",
+    )
+    type: str | None = Field(
+        default=None, max_length=253, pattern=r"^[-._a-zA-Z0-9/]+$", description="The Secret's type (default Opaque)."
+    )
+    labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=64, description="Labels to put on the Secret."
+    )
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=64, description="Annotations to put on the Secret."
+    )
+    template: dict[str, Annotated[str, Field(max_length=16384)]] | None = Field(
+        default=None,
+        max_length=32,
+        description="Secret keys rendered from templates over token fields, like {{ token_type }} {{ access_token }}.",
+    )
+    deletion_policy: DeletionPolicy | None = Field(
+        default=None, alias="deletionPolicy", description="What happens to the Secret when the resource is deleted."
+    )
 
     @field_validator("template")
     @classmethod
@@ -290,10 +369,14 @@ class StoreSpec(_Model):
     operator settings, never part of a resource: a tenant must not point the operator
     at an arbitrary Redis."""
 
-    backend: StoreBackend | None = None
+    backend: StoreBackend | None = Field(
+        default=None, description="The store backend (default: the operator's setting)."
+    )
 
 
 class CredentialSpec(_Model):
+    """How to obtain an OAuth2 access token, and the Secret to keep it fresh in."""
+
     issuer: IssuerSpec
     grant: GrantSpec
     refresh: RefreshSpec | None = None
