@@ -1,0 +1,123 @@
+"""The ``tokensync`` command.
+
+Errors are one clear line plus a hint, and a non-zero exit code; never a
+traceback for a user mistake, never a secret value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import click
+
+from tokensync import __version__
+from tokensync.models.credential import StoreBackend
+
+__all__ = ["main"]
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    if fmt == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        payload = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tokensync")
+def main() -> None:
+    """Keep OAuth2 access tokens fresh in Kubernetes Secrets."""
+
+
+@main.command()
+def crd() -> None:
+    """Print the OAuthCredential CustomResourceDefinition (generated from the models)."""
+    from tokensync.models.crd import crd_yaml
+
+    click.echo(crd_yaml(), nl=False)
+
+
+@main.command()
+@click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch only these namespaces (repeatable).")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Watch the whole cluster (the default).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="Kubeconfig file.")
+@click.option("--context", default=None, help="Kubeconfig context.")
+@click.option("--store", type=click.Choice([b.value for b in StoreBackend]), default=None, help="Default store.")
+@click.option("--redis-url", default=None, envvar="TOKENSYNC_REDIS_URL", help="Redis URL for the redis store.")
+@click.option("--concurrency", type=int, default=None, help="Credentials renewed at the same time.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
+@click.option("--liveness", default="http://0.0.0.0:8080/healthz", help="Kopf liveness endpoint ('' to disable).")
+def run(
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    kubeconfig: str | None,
+    context: str | None,
+    store: str | None,
+    redis_url: str | None,
+    concurrency: int | None,
+    log_level: str,
+    log_format: str,
+    liveness: str,
+) -> None:
+    """Run the operator."""
+    from pydantic import ValidationError
+
+    from tokensync.handlers import Wiring
+    from tokensync.models.settings import OperatorSettings
+
+    _setup_logging(log_level, log_format)
+    overrides: dict[str, Any] = {}
+    if namespaces and not all_namespaces:
+        overrides["namespaces"] = list(namespaces)
+    if store:
+        overrides["default_store"] = store
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if concurrency:
+        overrides["concurrency"] = concurrency
+    try:
+        settings = OperatorSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        raise click.UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    wiring = Wiring(settings=settings, kubeconfig=kubeconfig, context=context)
+    asyncio.run(run_operator(wiring, liveness=liveness or None))
+
+
+async def run_operator(wiring: Any, *, liveness: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """The operator in this event loop, until ``stop`` is set (or forever)."""
+    import kopf
+
+    import tokensync.handlers  # noqa: F401 - registers the handlers
+
+    memo = kopf.Memo(wiring=wiring)
+    settings = wiring.settings
+    await kopf.operator(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=True,
+        memo=memo,
+        liveness_endpoint=liveness,
+        stop_flag=stop,
+    )

@@ -1,0 +1,808 @@
+"""The controller: from observed OAuthCredentials to fresh tokens in Secrets.
+
+Inputs arrive as watch events (:meth:`Controller.observe` for credentials,
+:meth:`Controller.observe_secret` for tokensync-labelled Secrets); work runs in
+one :class:`~tokensync.controller.schedule.Scheduler`, one credential at a time
+per key. Kopf is only the event pump: the handlers layer feeds these methods and
+nothing here imports kopf, so the controller is testable on its own.
+
+One reconcile of one credential:
+
+1. Validate-once happened in :meth:`observe`; an invalid spec is reported
+   (``Stalled``/``InvalidSpec`` naming the field) and never retried until it
+   changes.
+2. Load the stored token set. If the spec's fingerprint differs, it belongs to
+   another spec and is ignored (a spec change gets a new grant at once).
+3. Renew when there is no token, it is due (:func:`refresh_time`), a manual
+   refresh was requested, or a watched source Secret changed. Only then are the
+   referenced Secrets read; if their values changed, a full grant replaces the
+   refresh.
+4. Publish the target Secret if its content differs (never a foreign Secret).
+5. Write status if it differs, schedule the next run.
+
+A restart is the same path: the stored token is valid and not due, the target
+Secret already matches, the status already matches: no token request and no
+write, only a heap entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from tokensync.auth import (
+    AsyncTokenManager,
+    AuthProvider,
+    ClientCredentialsAuth,
+    PasswordAuth,
+    RefreshTokenAuth,
+    Totp,
+)
+from tokensync.auth.discovery import DiscoveryCache
+from tokensync.controller.kube import KubeClient
+from tokensync.controller.outcomes import (
+    InvalidSpecError,
+    ReferenceMissingError,
+    SecretConflictError,
+    classify,
+    conditions,
+)
+from tokensync.controller.schedule import Scheduler, backoff_delay, refresh_time
+from tokensync.controller.secrets import (
+    CREDENTIAL_ANNOTATION,
+    ROLE_LABEL,
+    desired_target,
+    is_ours,
+    managed_labels,
+    merged_for_replace,
+    owner_reference,
+    secret_differs,
+    state_secret_name,
+)
+from tokensync.models.credential import (
+    CredentialSpec,
+    DeletionPolicy,
+    GrantType,
+    OAuthCredential,
+    StoreBackend,
+)
+from tokensync.models.settings import OperatorSettings
+from tokensync.models.state import StoredCredential
+from tokensync.models.tokens import TokenSet, utcnow
+from tokensync.stores.base import AsyncCredentialStore
+from tokensync.stores.kubernetes import ApiConflictError, ApiError, ApiNotFoundError, KubernetesSecretStore
+
+__all__ = [
+    "REFRESH_ANNOTATION",
+    "Controller",
+    "Entry",
+    "FingerprintedStore",
+    "Key",
+    "SecretCache",
+    "describe_validation_error",
+    "inputs_hash",
+    "spec_hash",
+]
+
+logger = logging.getLogger("tokensync.controller")
+
+Key = tuple[str, str]  # (namespace, name)
+REFRESH_ANNOTATION = "tokensync.dev/refresh-requested-at"
+
+StoreFactory = Callable[[OAuthCredential], AsyncCredentialStore[StoredCredential]]
+
+
+def _stamp(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+
+
+def _parse_stamp(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Field paths and messages only: pydantic's default text quotes the input values."""
+    parts = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False)[:5]:
+        path = ".".join(str(p) for p in item.get("loc", ()) if p != "__root__")
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{path}: {message}" if path else message)
+    return "; ".join(parts)
+
+
+def spec_hash(spec: CredentialSpec) -> str:
+    """Fingerprint of the non-secret inputs of a grant: issuer and grant settings."""
+    material = {
+        "issuer": spec.issuer.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "grant": spec.grant.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def inputs_hash(spec_fingerprint: str, values: dict[str, str]) -> str:
+    digest = hashlib.sha256(spec_fingerprint.encode())
+    for path in sorted(values):
+        digest.update(b"\0" + path.encode() + b"\0" + values[path].encode())
+    return digest.hexdigest()
+
+
+class FingerprintedStore:
+    """Adapts a store of :class:`StoredCredential` to what a token manager needs.
+
+    A stored token set made from other inputs reads as absent, and every save
+    records the inputs it was made from.
+    """
+
+    def __init__(self, inner: AsyncCredentialStore[StoredCredential], spec_fp: str, inputs_fp: str) -> None:
+        self._inner = inner
+        self._spec = spec_fp
+        self._inputs = inputs_fp
+
+    async def load(self) -> TokenSet | None:
+        stored = await self._inner.load()
+        if stored is None or stored.spec_hash != self._spec or stored.inputs_hash != self._inputs:
+            return None
+        return stored.token_set
+
+    async def save(self, value: TokenSet) -> None:
+        await self._inner.save(StoredCredential(token_set=value, spec_hash=self._spec, inputs_hash=self._inputs))
+
+    async def clear(self) -> None:
+        await self._inner.clear()
+
+
+@dataclass
+class Entry:
+    """What the controller remembers of one credential between events."""
+
+    key: Key
+    uid: str = ""
+    generation: int | None = None
+    credential: OAuthCredential | None = None
+    invalid: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    refresh_request: str | None = None
+    inputs_dirty: bool = False
+    failed_attempts: int = 0
+    store: AsyncCredentialStore[StoredCredential] | None = None
+    manager: AsyncTokenManager | None = None
+    manager_key: tuple[str, str] | None = None
+    written_target_version: str | None = None
+    sources: frozenset[Key] = frozenset()
+
+
+class SecretCache:
+    """The tokensync-labelled Secrets, as last seen from the watch or our own writes.
+
+    Once :attr:`synced` (after the startup LIST), a miss means "absent": reads of
+    state Secrets then cost no API call, which is what makes a restart with ten
+    thousand credentials one LIST instead of ten thousand GETs.
+    """
+
+    def __init__(self, client: KubeClient) -> None:
+        self._client = client
+        self._items: dict[Key, dict[str, Any]] = {}
+        self.synced = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._items.get((namespace, name))
+
+    def put(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        self._items[(meta.get("namespace", ""), meta.get("name", ""))] = body
+
+    def drop(self, namespace: str, name: str) -> None:
+        self._items.pop((namespace, name), None)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        hit = self._items.get((namespace, name))
+        if hit is not None or self.synced:
+            return hit
+        body = await self._client.read_secret(namespace, name)
+        if body is not None and ROLE_LABEL in ((body.get("metadata") or {}).get("labels") or {}):
+            self.put(body)
+        return body
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        written = await self._client.create_secret(namespace, body)
+        self.put(written)
+        return written
+
+    async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            written = await self._client.replace_secret(namespace, name, body)
+        except ApiError:
+            self.drop(namespace, name)  # stale: the next read goes to the API
+            raise
+        self.put(written)
+        return written
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        self.drop(namespace, name)
+        await self._client.delete_secret(namespace, name)
+
+    async def prime(self, namespaces: list[str]) -> None:
+        """One labelled LIST per watched scope, before any credential is reconciled."""
+        for namespace in namespaces or [None]:  # type: ignore[list-item]
+            for body in await self._client.list_secrets(namespace, label_selector=ROLE_LABEL):
+                self.put(body)
+        self.synced = True
+
+
+class Controller:
+    """Keeps every observed OAuthCredential's target Secret fresh."""
+
+    def __init__(
+        self,
+        *,
+        kube: KubeClient,
+        settings: OperatorSettings,
+        http: httpx.AsyncClient | None = None,
+        redis_store_factory: StoreFactory | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        on_renewed: Callable[[Key, TokenSet], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.secrets = SecretCache(kube)
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        self._owns_http = http is None
+        self._ca_clients: dict[str, httpx.AsyncClient] = {}
+        self._redis_store_factory = redis_store_factory
+        self._clock = clock
+        self._on_renewed = on_renewed
+        self._entries: dict[Key, Entry] = {}
+        self._sources: dict[Key, set[Key]] = {}
+        self._discovery = DiscoveryCache(ttl=settings.discovery_ttl)
+        self.scheduler = Scheduler(self._run, concurrency=settings.concurrency, clock=lambda: self._clock().timestamp())
+        self.token_requests = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.secrets.prime(self.settings.namespaces)
+
+    async def run(self) -> None:
+        await self.scheduler.run()
+
+    async def close(self) -> None:
+        for client in self._ca_clients.values():
+            await client.aclose()
+        if self._owns_http:
+            await self._http.aclose()
+
+    @property
+    def entries(self) -> dict[Key, Entry]:
+        return self._entries
+
+    # -- events ---------------------------------------------------------------------
+
+    def observe(self, body: dict[str, Any], event_type: str | None) -> None:
+        """A credential was listed, added, modified or deleted."""
+        meta = body.get("metadata") or {}
+        key: Key = (meta.get("namespace") or "default", meta.get("name") or "")
+        if event_type == "DELETED" or meta.get("deletionTimestamp"):
+            self._forget(key)
+            return
+        entry = self._entries.get(key)
+        fresh = entry is None
+        if entry is None:
+            entry = self._entries[key] = Entry(key=key)
+            entry.status = dict(body.get("status") or {})
+            entry.failed_attempts = int(entry.status.get("failedAttempts") or 0)
+        generation = meta.get("generation")
+        generation_changed = not fresh and generation != entry.generation
+        refresh_request = (meta.get("annotations") or {}).get(REFRESH_ANNOTATION)
+        requested = refresh_request is not None and refresh_request != entry.status.get("handledRefreshRequest")
+        if not (fresh or generation_changed or requested or meta.get("uid", "") != entry.uid):
+            return
+        entry.uid = meta.get("uid", "")
+        entry.generation = generation
+        entry.refresh_request = refresh_request
+        if generation_changed:
+            entry.failed_attempts = 0
+        try:
+            entry.credential = OAuthCredential.model_validate(body)
+            entry.invalid = None
+        except ValidationError as exc:
+            entry.credential = None
+            entry.invalid = describe_validation_error(exc)
+        self._index_sources(entry)
+        when = self._clock().timestamp()
+        if fresh and entry.failed_attempts and entry.status.get("observedGeneration") == generation:
+            # A restart during a failure streak: keep the backoff, do not hammer the IdP.
+            last = _parse_stamp(entry.status.get("lastFailureTime"))
+            if last is not None:
+                delay = backoff_delay(
+                    entry.failed_attempts,
+                    initial=self.settings.backoff_initial,
+                    maximum=self.settings.backoff_max,
+                    identity=entry.uid,
+                )
+                when = max(when, last.timestamp() + delay)
+        self.scheduler.schedule(key, when)
+
+    def observe_secret(self, body: dict[str, Any], event_type: str | None) -> None:
+        """A tokensync-labelled Secret (target, state or opted-in source) changed."""
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        role = (meta.get("labels") or {}).get(ROLE_LABEL)
+        if event_type == "DELETED":
+            self.secrets.drop(namespace, name)
+        elif role in ("target", "state"):
+            self.secrets.put(body)
+        if role == "target":
+            owner = (meta.get("annotations") or {}).get(CREDENTIAL_ANNOTATION)
+            entry = self._entries.get((namespace, owner)) if owner else None
+            if entry is not None and (
+                event_type == "DELETED" or meta.get("resourceVersion") != entry.written_target_version
+            ):
+                self.scheduler.run_now(entry.key)  # someone else edited or deleted it: repair
+        elif role == "source" or (namespace, name) in self._sources:
+            for key in self._sources.get((namespace, name), ()):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.inputs_dirty = True
+                    self.scheduler.run_now(key)
+
+    def request_refresh(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.inputs_dirty = True
+            self.scheduler.run_now(key)
+
+    def _forget(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        self.scheduler.cancel(key)
+        if entry is None:
+            return
+        for source in entry.sources:
+            self._sources.get(source, set()).discard(key)
+        if entry.credential is not None and self._backend(entry.credential) == StoreBackend.REDIS:
+            store = entry.store or self._store(entry.credential)
+            asyncio.get_running_loop().create_task(self._clear_quietly(store, key))
+        # Secrets of the Secret backend and Delete-policy targets are owned by the
+        # credential: the API server's garbage collector removes them, even when
+        # the operator is not running. No finalizer needed, so deletion never hangs.
+
+    @staticmethod
+    async def _clear_quietly(store: AsyncCredentialStore[StoredCredential], key: Key) -> None:
+        try:
+            await store.clear()
+        except Exception as exc:
+            logger.warning("could not clear the stored tokens of %s/%s: %s", *key, classify(exc).message)
+
+    def _index_sources(self, entry: Entry) -> None:
+        for source in entry.sources:
+            self._sources.get(source, set()).discard(entry.key)
+        sources: set[Key] = set()
+        if entry.credential is not None:
+            spec = entry.credential.spec
+            refs = list(spec.grant.references().values())
+            if spec.issuer.ca_secret_ref is not None:
+                refs.append(spec.issuer.ca_secret_ref)
+            sources = {(entry.key[0], ref.name) for ref in refs}
+        for source in sources:
+            self._sources.setdefault(source, set()).add(entry.key)
+        entry.sources = frozenset(sources)
+
+    # -- one reconcile ------------------------------------------------------------------
+
+    async def _run(self, key: Hashable) -> None:
+        entry = self._entries.get(key) if isinstance(key, tuple) else None
+        if entry is None:
+            return
+        now = self._clock()
+        if entry.credential is None:
+            await self._write_status(entry, self._failure_status(entry, InvalidSpecError(entry.invalid or ""), now))
+            return
+        try:
+            await self._reconcile(entry, entry.credential, now)
+        except Exception as exc:
+            await self._failed(entry, exc, now)
+
+    async def _reconcile(self, entry: Entry, credential: OAuthCredential, now: datetime) -> None:
+        spec = credential.spec
+        self._check_urls(spec)
+        store = entry.store = entry.store or self._store(credential)
+        spec_fp = spec_hash(spec)
+        stored = await store.load()
+        if stored is not None and stored.spec_hash != spec_fp:
+            stored = None
+        token_set = stored.token_set if stored is not None else None
+        identity = entry.uid or f"{entry.key[0]}/{entry.key[1]}"
+        refresh = spec.effective_refresh()
+        skew = self.settings.expiry_skew
+        forced = entry.refresh_request is not None and entry.refresh_request != entry.status.get(
+            "handledRefreshRequest"
+        )
+        jitter = self.settings.jitter_fraction
+        due = token_set is None or not token_set.access_valid(skew, now=now)
+        if token_set is not None and not due:
+            due = now >= refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
+        renewed = False
+        if due or forced or entry.inputs_dirty:
+            values = await self._resolve(credential)
+            inputs_fp = inputs_hash(spec_fp, values)
+            changed_inputs = stored is None or stored.inputs_hash != inputs_fp
+            entry.inputs_dirty = False
+            if due or forced or changed_inputs:
+                manager = self._manager(entry, credential, values, spec_fp, inputs_fp, await self._token_url(spec))
+                self.token_requests += 1
+                token_set = await (manager.token() if changed_inputs else manager.force_refresh())
+                renewed = True
+        assert token_set is not None
+        secret_name = await self._publish(entry, credential, token_set)
+        next_at = refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
+        recovered = entry.failed_attempts > 0
+        entry.failed_attempts = 0
+        status = self._success_status(
+            entry, credential, token_set, secret_name, next_at, renewed=renewed, forced=forced, now=now
+        )
+        first = not entry.status.get("lastRefreshTime") or entry.status.get("observedGeneration") != entry.generation
+        await self._write_status(entry, status)
+        if renewed and (first or recovered):
+            await self._event(
+                credential,
+                "Normal",
+                "Recovered" if recovered else "TokenIssued",
+                f"access token issued by the {spec.grant.type.value} grant into Secret {secret_name}, "
+                f"expires {_stamp(token_set.expires_at) or 'at an unknown time'}",
+            )
+        if renewed and self._on_renewed is not None:
+            result = self._on_renewed(entry.key, token_set)
+            if result is not None:
+                await result
+        self.scheduler.schedule(entry.key, next_at.timestamp())
+
+    # -- pieces -----------------------------------------------------------------------
+
+    def _backend(self, credential: OAuthCredential) -> StoreBackend:
+        return credential.spec.effective_backend(self.settings.default_store)
+
+    def _store(self, credential: OAuthCredential) -> AsyncCredentialStore[StoredCredential]:
+        if self._backend(credential) == StoreBackend.REDIS:
+            if self._redis_store_factory is None:
+                raise InvalidSpecError("store.backend is redis, but the operator has no Redis configured")
+            return self._redis_store_factory(credential)
+        return KubernetesSecretStore(
+            self.secrets,
+            namespace=credential.metadata.namespace,
+            name=state_secret_name(credential.metadata.name),
+            serialize=StoredCredential.to_json,
+            deserialize=StoredCredential.from_json,
+            labels=managed_labels("state"),
+            annotations={CREDENTIAL_ANNOTATION: credential.metadata.name},
+            owner_references=[owner_reference(credential)],
+        )
+
+    def _check_urls(self, spec: CredentialSpec) -> None:
+        for path, url in (("issuer.tokenURL", spec.issuer.token_url), ("issuer.issuerURL", spec.issuer.issuer_url)):
+            if url is None:
+                continue
+            parts = urlsplit(url)
+            if parts.scheme == "http" and not self.settings.allow_insecure_http and not _is_loopback(parts.hostname):
+                raise InvalidSpecError(f"{path} uses plain http; use https (or allow insecure http in the operator)")
+
+    async def _resolve(self, credential: OAuthCredential) -> dict[str, str]:
+        """The values of every referenced Secret key, by spec path. Read fresh each time."""
+        namespace = credential.metadata.namespace
+        refs = dict(credential.spec.grant.references())
+        if credential.spec.issuer.ca_secret_ref is not None:
+            refs["issuer.caSecretRef"] = credential.spec.issuer.ca_secret_ref
+        bodies: dict[str, dict[str, Any] | None] = {}
+        values: dict[str, str] = {}
+        for path, ref in refs.items():
+            if ref.name not in bodies:
+                bodies[ref.name] = await self.kube.read_secret(namespace, ref.name)
+            body = bodies[ref.name]
+            if body is None:
+                raise ReferenceMissingError(f"{path}: Secret {ref.name} not found in namespace {namespace}")
+            encoded = (body.get("data") or {}).get(ref.key)
+            if encoded is None:
+                raise ReferenceMissingError(f"{path}: Secret {ref.name} has no key {ref.key}")
+            try:
+                value = base64.b64decode(encoded, validate=True).decode()
+            except (binascii.Error, ValueError, UnicodeDecodeError):
+                raise InvalidSpecError(f"{path}: Secret {ref.name} key {ref.key} is not UTF-8 text") from None
+            # `kubectl create secret --from-file` keeps a trailing newline that no
+            # server expects in a password or client secret; PEM keys tolerate both.
+            values[path] = value.rstrip("\r\n") if not value.lstrip().startswith("-----BEGIN") else value
+        return values
+
+    def _provider(self, credential: OAuthCredential, values: dict[str, str]) -> AuthProvider:
+        grant = credential.spec.grant
+        try:
+            common: dict[str, Any] = {
+                "method": grant.client_auth_method.value if grant.client_auth_method else None,
+                "private_key": values.get("grant.privateKeyRef"),
+                "signing_algorithm": grant.signing_algorithm or "RS256",
+                "key_id": grant.key_id,
+                "scopes": grant.scopes or (),
+                "audience": grant.audience,
+                "extra_params": grant.extra_params,
+            }
+            secret = values.get("grant.clientSecretRef")
+            match grant.type:
+                case GrantType.CLIENT_CREDENTIALS:
+                    return ClientCredentialsAuth(grant.client_id, secret, **common)
+                case GrantType.PASSWORD:
+                    totp_seed = values.get("grant.totpSecretRef")
+                    return PasswordAuth(
+                        values["grant.usernameRef"],
+                        values["grant.passwordRef"],
+                        totp=Totp(seed=totp_seed.replace(" ", "")) if totp_seed else None,
+                        client_id=grant.client_id,
+                        client_secret=secret,
+                        **common,
+                    )
+                case GrantType.REFRESH_TOKEN:
+                    return RefreshTokenAuth(
+                        values["grant.refreshTokenRef"], client_id=grant.client_id, client_secret=secret, **common
+                    )
+        except ValueError as exc:
+            raise InvalidSpecError(f"grant: {exc}") from None
+
+    def _manager(
+        self,
+        entry: Entry,
+        credential: OAuthCredential,
+        values: dict[str, str],
+        spec_fp: str,
+        inputs_fp: str,
+        token_url: str,
+    ) -> AsyncTokenManager:
+        # The manager lives as long as its inputs: it keeps a rotated token set
+        # in memory if the store refuses it, and retries the save before use.
+        if entry.manager is None or entry.manager_key != (spec_fp, inputs_fp) or entry.manager.token_url != token_url:
+            assert entry.store is not None
+            entry.manager = AsyncTokenManager(
+                self._provider(credential, values),
+                http=self._http_for(credential, values),
+                token_url=token_url,
+                store=FingerprintedStore(entry.store, spec_fp, inputs_fp),
+                expiry_skew=self.settings.expiry_skew,
+            )
+            entry.manager_key = (spec_fp, inputs_fp)
+        return entry.manager
+
+    def _http_for(self, credential: OAuthCredential, values: dict[str, str]) -> httpx.AsyncClient:
+        ca = values.get("issuer.caSecretRef")
+        timeout = credential.spec.issuer.effective_timeout()
+        if ca is None and timeout == 10.0:
+            return self._http
+        import ssl
+
+        cache_key = hashlib.sha256(f"{timeout}\0{ca or ''}".encode()).hexdigest()
+        client = self._ca_clients.get(cache_key)
+        if client is None:
+            verify: ssl.SSLContext | bool = True
+            if ca is not None:
+                try:
+                    verify = ssl.create_default_context(cadata=ca)
+                except ssl.SSLError:
+                    raise InvalidSpecError("issuer.caSecretRef: the CA bundle is not valid PEM") from None
+            client = self._ca_clients[cache_key] = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(timeout))
+        return client
+
+    async def _token_url(self, spec: CredentialSpec) -> str:
+        if spec.issuer.token_url is not None:
+            return spec.issuer.token_url
+        assert spec.issuer.issuer_url is not None
+        return await self._discovery.token_endpoint(self._http, spec.issuer.issuer_url)
+
+    async def _publish(self, entry: Entry, credential: OAuthCredential, token_set: TokenSet) -> str:
+        """Create or update the target Secret; returns its name. Never touches a foreign Secret."""
+        desired = desired_target(credential, token_set)
+        namespace, name = credential.metadata.namespace, str(desired["metadata"]["name"])
+        actual = self.secrets.get(namespace, name)
+        for _ in range(3):
+            try:
+                if actual is None:
+                    written = await self.secrets.create_secret(namespace, desired)
+                else:
+                    if not is_ours(actual, credential.metadata.name):
+                        raise SecretConflictError(
+                            f"Secret {name} exists and was not created by tokensync for this credential; "
+                            "delete it or choose another target.secretName"
+                        )
+                    if not secret_differs(actual, desired):
+                        break
+                    if (actual.get("type") or "Opaque") != desired["type"]:
+                        await self.secrets.delete_secret(namespace, name)  # type is immutable
+                        written = await self.secrets.create_secret(namespace, desired)
+                    else:
+                        written = await self.secrets.replace_secret(
+                            namespace, name, merged_for_replace(actual, desired)
+                        )
+                entry.written_target_version = (written.get("metadata") or {}).get("resourceVersion")
+                break
+            except (ApiConflictError, ApiNotFoundError):
+                actual = await self.kube.read_secret(namespace, name)  # lost a race: look again
+        else:
+            raise SecretConflictError(f"Secret {name} keeps changing under tokensync; giving up for now")
+        await self._retire_previous_target(entry, credential, name)
+        return name
+
+    async def _retire_previous_target(self, entry: Entry, credential: OAuthCredential, name: str) -> None:
+        previous = entry.status.get("secretName")
+        if not previous or previous == name:
+            return
+        policy = credential.spec.effective_target().deletion_policy or DeletionPolicy.DELETE
+        old = self.secrets.get(credential.metadata.namespace, previous)
+        if policy == DeletionPolicy.DELETE and old is not None and is_ours(old, credential.metadata.name):
+            with contextlib.suppress(ApiNotFoundError):
+                await self.secrets.delete_secret(credential.metadata.namespace, previous)
+
+    # -- status ------------------------------------------------------------------------
+
+    def _success_status(
+        self,
+        entry: Entry,
+        credential: OAuthCredential,
+        token_set: TokenSet,
+        secret_name: str,
+        next_at: datetime,
+        *,
+        renewed: bool,
+        forced: bool,
+        now: datetime,
+    ) -> dict[str, Any]:
+        previous = entry.status
+        expires = _stamp(token_set.expires_at) or "an unknown time"
+        count = int(previous.get("refreshCount") or 0) + (1 if renewed else 0)
+        return {
+            "observedGeneration": entry.generation,
+            "conditions": conditions(
+                previous.get("conditions"),
+                ready=(True, "TokenIssued", f"Secret {secret_name} holds a token valid until {expires}"),
+                reconciling=None,
+                stalled=None,
+                generation=entry.generation,
+                now=now,
+            ),
+            "secretName": secret_name,
+            "expiresAt": _stamp(token_set.expires_at),
+            "refreshTokenExpiresAt": _stamp(token_set.refresh_expires_at),
+            "lastRefreshTime": _stamp(token_set.issued_at),
+            "nextRefreshTime": _stamp(next_at),
+            "failedAttempts": 0,
+            "lastFailureTime": None,
+            "grantedScopes": token_set.scope.split() if token_set.scope else None,
+            "refreshCount": count,
+            "handledRefreshRequest": entry.refresh_request if forced else previous.get("handledRefreshRequest"),
+        }
+
+    def _failure_status(
+        self, entry: Entry, exc: BaseException, now: datetime, next_at: datetime | None = None
+    ) -> dict[str, Any]:
+        outcome = classify(exc)
+        previous = entry.status
+        expires = _parse_stamp(previous.get("expiresAt"))
+        spec_current = previous.get("observedGeneration") == entry.generation
+        still_valid = not outcome.permanent and spec_current and expires is not None and expires > now
+        if still_valid:
+            ready = (True, "TokenIssued", f"token valid until {_stamp(expires)}; renewal failing: {outcome.message}")
+        else:
+            ready = (False, outcome.reason, outcome.message)
+        return {
+            **previous,
+            "observedGeneration": entry.generation,
+            "conditions": conditions(
+                previous.get("conditions"),
+                ready=ready,
+                reconciling=None if outcome.permanent else (True, outcome.reason, outcome.message),
+                stalled=(True, outcome.reason, outcome.message) if outcome.permanent else None,
+                generation=entry.generation,
+                now=now,
+            ),
+            "failedAttempts": entry.failed_attempts,
+            "lastFailureTime": _stamp(now),
+            "nextRefreshTime": _stamp(next_at),
+            "handledRefreshRequest": entry.refresh_request,
+        }
+
+    async def _failed(self, entry: Entry, exc: Exception, now: datetime) -> None:
+        outcome = classify(exc)
+        if outcome.reason == "InternalError":
+            logger.exception("reconciling %s/%s failed unexpectedly", *entry.key)
+        entry.failed_attempts += 1
+        next_at: datetime | None = None
+        if not outcome.permanent:
+            delay = backoff_delay(
+                entry.failed_attempts,
+                initial=self.settings.backoff_initial,
+                maximum=self.settings.backoff_max,
+                identity=entry.uid,
+                retry_after=outcome.retry_after,
+            )
+            next_at = now + timedelta(seconds=delay)
+            self.scheduler.schedule(entry.key, next_at.timestamp())
+        logger.warning(
+            "%s/%s: %s (%s, attempt %d%s)",
+            *entry.key,
+            outcome.message,
+            outcome.reason,
+            entry.failed_attempts,
+            f", retry at {_stamp(next_at)}" if next_at else ", waiting for a change",
+        )
+        status = self._failure_status(entry, exc, now, next_at)
+        try:
+            await self._write_status(entry, status)
+        except ApiError as api_exc:
+            logger.warning("%s/%s: cannot write status: %s", *entry.key, api_exc)
+        if entry.credential is not None and (entry.failed_attempts == 1 or outcome.permanent):
+            await self._event(entry.credential, "Warning", outcome.reason, outcome.message)
+
+    async def _write_status(self, entry: Entry, status: dict[str, Any]) -> None:
+        """Patch status only when it differs from what the API server already has."""
+        if {k: v for k, v in status.items() if v is not None} == {
+            k: v for k, v in entry.status.items() if v is not None
+        }:
+            return
+        try:
+            written = await self.kube.patch_credential_status(entry.key[0], entry.key[1], status)
+        except ApiNotFoundError:
+            return  # deleted meanwhile; the DELETED event will follow
+        entry.status = dict(written.get("status") or status)
+
+    async def _event(self, credential: OAuthCredential, kind: str, reason: str, message: str) -> None:
+        now = _stamp(self._clock())
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{credential.metadata.name}.", "namespace": credential.metadata.namespace},
+            "involvedObject": {
+                "apiVersion": credential.api_version,
+                "kind": credential.kind,
+                "name": credential.metadata.name,
+                "namespace": credential.metadata.namespace,
+                "uid": credential.metadata.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "source": {"component": "tokensync"},
+            "reportingComponent": "tokensync.dev/operator",
+            "reportingInstance": "tokensync",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.kube.create_event(credential.metadata.namespace, body)
+        except ApiError as exc:
+            logger.debug("cannot post an event: %s", exc)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,130 @@
+"""Thin kopf handlers: kopf watches, the controller decides.
+
+Only raw event handlers (``@kopf.on.event``) are used, never ``on.create`` /
+``on.update``: those make kopf write progress and diff-base annotations and a
+finalizer onto every resource, which costs API writes per object, shows up as
+drift in GitOps tools, and blocks deletion when the operator is gone. tokensync
+needs none of it: the status subresource records what was handled
+(``observedGeneration``, ``handledRefreshRequest``), and owner references let the
+API server's garbage collector clean up, operator or not.
+
+State lives in ``memo`` (one :class:`~tokensync.controller.Controller`, its Kubernetes
+client, the scheduler task), built in ``on.startup`` and torn down in
+``on.cleanup``. The caller (``tokensync run``, the demo, tests) puts a
+:class:`Wiring` in ``memo.wiring`` to say how to reach the cluster and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from tokensync.controller import Controller, KubeClient, load_configuration, redis_store_factory
+from tokensync.controller.secrets import ROLE_LABEL
+from tokensync.models.credential import GROUP, PLURAL, VERSION
+from tokensync.models.settings import OperatorSettings
+
+__all__ = ["Wiring", "configure_kopf"]
+
+logger = logging.getLogger("tokensync.handlers")
+
+
+@dataclass
+class Wiring:
+    """How the operator reaches the world; tests and the demo swap parts of it."""
+
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
+    kubeconfig: str | None = None
+    context: str | None = None
+    #: For API emulators: a plain URL instead of kubeconfig / in-cluster credentials.
+    server_url: str | None = None
+    #: Called with the controller once it exists (the demo's live table, tests).
+    on_controller: Callable[[Controller], None] | None = None
+
+
+def configure_kopf(settings: kopf.OperatorSettings, wiring: Wiring) -> None:
+    """Kopf settings, each chosen on purpose (see docs/operations in the README)."""
+    # Kopf's own bookkeeping, should anything ever use it, under our prefix.
+    settings.persistence.finalizer = "tokensync.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tokensync.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tokensync.dev", key="last-handled-configuration"
+    )
+    # Watch only the Secrets tokensync writes or users opted in: server-side,
+    # so the operator never receives, let alone caches, the cluster's other Secrets.
+    settings.watching.label_selectors["v1", "secrets"] = ROLE_LABEL
+    # Silent watch stalls are real (proxies, load balancers); reconnect regularly.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    # Handler errors are logged, not posted: tokensync posts its own, sanitised Events.
+    settings.posting.enabled = False
+    settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
+
+
+@kopf.on.login(id="tokensync-login")
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    wiring: Wiring = memo.get("wiring") or Wiring()
+    if wiring.server_url is not None:
+        return kopf.ConnectionInfo(server=wiring.server_url, insecure=True, scheme="Bearer", token="tokensync")
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.startup(id="tokensync-startup")
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    wiring: Wiring = memo.get("wiring") or Wiring()
+    memo["wiring"] = wiring
+    configure_kopf(settings, wiring)
+    if wiring.server_url is not None:
+        kube = KubeClient.for_url(wiring.server_url)
+    else:
+        configuration = await asyncio.to_thread(load_configuration, wiring.kubeconfig, wiring.context)
+        kube = KubeClient.from_configuration(configuration)
+    controller = Controller(
+        kube=kube,
+        settings=wiring.settings,
+        redis_store_factory=redis_store_factory(wiring.settings),
+    )
+    await controller.start()
+    memo["controller"] = controller
+    memo["scheduler"] = asyncio.get_running_loop().create_task(controller.run(), name="tokensync-scheduler")
+    if wiring.on_controller is not None:
+        wiring.on_controller(controller)
+    logger.info("tokensync started: %d managed Secrets known", len(controller.secrets))
+
+
+@kopf.on.cleanup(id="tokensync-cleanup")
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = memo.get("scheduler")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        await controller.close()
+        await controller.kube.close()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="tokensync-credential")
+def credential_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        controller.observe(dict(event["object"]), event.get("type"))
+
+
+@kopf.on.event("v1", "secrets", id="tokensync-secret")
+def secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        controller.observe_secret(dict(event["object"]), event.get("type"))
+
+
+@kopf.on.probe(id="credentials")
+def probe(memo: kopf.Memo, **_: Any) -> int:
+    controller: Controller | None = memo.get("controller")
+    return len(controller.entries) if controller is not None else 0
