@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from tokensync.controller.templates import render_templates
+from tokensync.controller.templates import render_templates, template_values
 from tokensync.models.credential import API_VERSION, KIND, DeletionPolicy, OAuthCredential
 from tokensync.models.tokens import TokenSet
 
@@ -42,7 +42,6 @@ __all__ = [
     "owner_reference",
     "secret_differs",
     "state_secret_name",
-    "token_fields",
 ]
 
 MANAGED_BY = ("app.kubernetes.io/managed-by", "tokensync")
@@ -50,22 +49,6 @@ ROLE_LABEL = "tokensync.dev/role"
 CREDENTIAL_ANNOTATION = "tokensync.dev/credential"
 EXPIRES_ANNOTATION = "tokensync.dev/expires-at"
 WATCH_SELECTOR = ROLE_LABEL  # existence: target, state and opted-in source Secrets
-
-
-def _rfc3339(value: Any) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else ""
-
-
-def token_fields(token_set: TokenSet) -> dict[str, str]:
-    """The fields a target Secret or template may use. Never the refresh token."""
-    return {
-        "access_token": token_set.access_token.get_secret_value(),
-        "token_type": token_set.token_type,
-        "expires_at": _rfc3339(token_set.expires_at),
-        "issued_at": _rfc3339(token_set.issued_at),
-        "scope": token_set.scope or "",
-        "id_token": token_set.id_token.get_secret_value() if token_set.id_token else "",
-    }
 
 
 def state_secret_name(credential_name: str) -> str:
@@ -95,7 +78,7 @@ def managed_labels(role: str) -> dict[str, str]:
 def desired_target(credential: OAuthCredential, token_set: TokenSet) -> dict[str, Any]:
     """The full target Secret body for this token set (without resourceVersion)."""
     target = credential.spec.effective_target()
-    fields = token_fields(token_set)
+    fields = template_values(token_set)
     if target.template:
         values = render_templates(target.template, fields)
     else:
