@@ -6,6 +6,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -107,3 +108,36 @@ def make_idp(idp_keys: IdpKeys, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         for server in started:
             server.stop()
+
+
+# -- Kubernetes: the API emulator (tokensync.devkit.kube) over HTTP, a fresh one per test ---
+
+if TYPE_CHECKING:
+    import kubernetes.client
+
+    from tokensync.devkit.kube import RunningCluster
+
+
+@pytest.fixture
+def kube() -> Iterator[RunningCluster]:
+    """A fresh ClusterEmulator on 127.0.0.1, served from its own thread (sync clients are safe).
+
+    Has the `default` namespace and the project's CRDs (crds/). `.url`, `.emulator`,
+    `.kube_configuration()`, `.write_kubeconfig(path)`, `.login_kopf(registry)`, and
+    `.call(coro)` to run emulator coroutines (e.g. `emulator.add_crd(...)`) from the test.
+    """
+    from support.kube import PROJECT_CRDS
+    from tokensync.devkit.kube import cluster_in_thread, read_crds
+
+    crds = read_crds(PROJECT_CRDS) if PROJECT_CRDS.is_dir() else []
+    with cluster_in_thread(crds=crds) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def kube_api(kube: RunningCluster) -> Iterator[kubernetes.client.ApiClient]:
+    """The official client's ApiClient pointed at `kube` (use with CoreV1Api, CustomObjectsApi...)."""
+    import kubernetes.client
+
+    with kubernetes.client.ApiClient(kube.kube_configuration()) as client:
+        yield client
