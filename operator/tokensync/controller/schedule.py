@@ -125,7 +125,7 @@ class Scheduler:
         self._due[key] = when
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, key))
-        if self._heap[0][2] == key:
+        if self._heap[0][2] == key or when <= self._clock():
             self._wakeup.set()
 
     def run_now(self, key: Hashable) -> None:

@@ -1,0 +1,158 @@
+"""Pure rules of the controller: target Secret shape, ownership, conditions, error reasons."""
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from tokensync.auth import InvalidClientError, InvalidGrantError, RateLimitedError, ReauthenticationRequired
+from tokensync.controller.outcomes import InvalidSpecError, SecretConflictError, classify, conditions
+from tokensync.controller.reconciler import describe_validation_error, inputs_hash, spec_hash
+from tokensync.controller.secrets import desired_target, is_ours, merged_for_replace, secret_differs, state_secret_name
+from tokensync.models.credential import OAuthCredential
+from tokensync.models.tokens import TokenSet
+from tokensync.stores.base import StoreError
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def credential(**spec_overrides):
+    spec = {
+        "issuer": {"tokenURL": "https://idp.example/token"},
+        "grant": {"type": "client_credentials", "clientID": "c", "clientSecretRef": {"name": "s", "key": "k"}},
+    }
+    spec.update(spec_overrides)
+    return OAuthCredential.model_validate(
+        {"metadata": {"name": "api", "namespace": "team", "uid": "uid-1", "generation": 1}, "spec": spec}
+    )
+
+
+TOKEN = TokenSet(
+    access_token=SecretStr("test-secret-access"),
+    refresh_token=SecretStr("test-secret-refresh"),
+    scope="read",
+    issued_at=NOW,
+    expires_at=NOW + timedelta(hours=1),
+)
+
+
+def decoded(secret):
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_default_target_holds_only_what_workloads_need():
+    secret = desired_target(credential(), TOKEN)
+    assert decoded(secret) == {
+        "access_token": "test-secret-access",
+        "token_type": "Bearer",
+        "expires_at": "2026-01-01T01:00:00Z",
+    }
+    assert "test-secret-refresh" not in str(secret)
+    assert secret["metadata"]["name"] == "api"
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tokensync"
+    assert secret["metadata"]["labels"]["tokensync.dev/role"] == "target"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_template_type_labels_and_retain_policy():
+    cred = credential(
+        target={
+            "secretName": "registry",
+            "type": "kubernetes.io/dockerconfigjson",
+            "labels": {"team": "a"},
+            "annotations": {"note": "x"},
+            "deletionPolicy": "Retain",
+            "template": {"Authorization": "{{ token_type }} {{ access_token }}"},
+        }
+    )
+    secret = desired_target(cred, TOKEN)
+    assert decoded(secret) == {"Authorization": "Bearer test-secret-access"}
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    assert secret["metadata"]["labels"]["team"] == "a"
+    assert "ownerReferences" not in secret["metadata"]
+
+
+def test_ownership_needs_both_marks():
+    ours = desired_target(credential(), TOKEN)
+    assert is_ours(ours, "api")
+    assert not is_ours(ours, "other")
+    assert not is_ours({"metadata": {"name": "api"}}, "api")
+    forged = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "tokensync"}}}
+    assert not is_ours(forged, "api")
+
+
+def test_differs_ignores_foreign_labels_but_not_data_or_ours():
+    desired = desired_target(credential(), TOKEN)
+    actual = merged_for_replace(
+        {"metadata": {"labels": {"argocd.argoproj.io/instance": "x"}, "resourceVersion": "7"}}, desired
+    )
+    assert actual["metadata"]["labels"]["argocd.argoproj.io/instance"] == "x"
+    assert actual["metadata"]["resourceVersion"] == "7"
+    assert not secret_differs(actual, desired)
+    tampered = {**actual, "data": {**actual["data"], "access_token": "ZXZpbA=="}}
+    assert secret_differs(tampered, desired)
+
+
+def test_state_secret_names_stay_valid():
+    assert state_secret_name("api") == "api-tokensync-state"
+    long = state_secret_name("a" * 253)
+    assert len(long) <= 253 and long.endswith("-tokensync-state")
+
+
+def test_fingerprints_follow_spec_and_secret_values():
+    a, b = credential(), credential(grant={"type": "client_credentials", "clientID": "other",
+                                           "clientSecretRef": {"name": "s", "key": "k"}})  # fmt: skip
+    assert spec_hash(a.spec) != spec_hash(b.spec)
+    assert spec_hash(a.spec) == spec_hash(credential(target={"secretName": "x"}).spec)  # target is not an input
+    fp = spec_hash(a.spec)
+    assert inputs_hash(fp, {"grant.clientSecretRef": "one"}) != inputs_hash(fp, {"grant.clientSecretRef": "two"})
+
+
+def test_validation_errors_name_fields_and_never_quote_values():
+    with pytest.raises(ValidationError) as info:
+        OAuthCredential.model_validate(
+            {
+                "metadata": {"name": "x"},
+                "spec": {
+                    "issuer": {"tokenURL": "test-secret-not-a-url"},
+                    "grant": {"type": "magic", "clientID": "c"},
+                },
+            }
+        )
+    text = describe_validation_error(info.value)
+    assert "spec.issuer.tokenURL" in text
+    assert "spec.grant.type" in text
+    assert "test-secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason", "permanent"),
+    [
+        (InvalidClientError("x"), "InvalidClient", True),
+        (InvalidGrantError("x"), "InvalidGrant", True),
+        (ReauthenticationRequired("x"), "ReauthenticationRequired", True),
+        (RateLimitedError("x", retry_after=30), "IssuerUnavailable", False),
+        (StoreError("x"), "StoreUnavailable", False),
+        (SecretConflictError("x"), "SecretConflict", True),
+        (InvalidSpecError("x"), "InvalidSpec", True),
+        (KeyError("test-secret"), "InternalError", False),
+    ],
+)
+def test_every_failure_maps_to_one_reason(exc, reason, permanent):
+    outcome = classify(exc)
+    assert (outcome.reason, outcome.permanent) == (reason, permanent)
+    assert "test-secret" not in outcome.message
+
+
+def test_transition_time_moves_only_when_the_status_changes():
+    first = conditions(None, ready=(False, "Progressing", "m"), reconciling=(True, "Progressing", "m"),
+                       stalled=None, generation=1, now=NOW)  # fmt: skip
+    later = NOW + timedelta(minutes=5)
+    same = conditions(first, ready=(False, "IssuerUnavailable", "down"), reconciling=(True, "IssuerUnavailable", "d"),
+                      stalled=None, generation=1, now=later)  # fmt: skip
+    assert same[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    flipped = conditions(same, ready=(True, "TokenIssued", "ok"), reconciling=None, stalled=None, generation=1,
+                         now=later)  # fmt: skip
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
+    assert [c["type"] for c in flipped] == ["Ready"]
