@@ -1,0 +1,124 @@
+"""Unmodified kopf against the API emulator: a tiny throwaway operator, run by KopfRunner.
+
+If kopf works here, the emulator speaks enough Kubernetes for tokensync's operator: discovery,
+CRD watching, list+watch with resourceVersions, merge- & JSON-patches with resourceVersion
+tests, the status subresource, finalizers, deletion, and Event posting.
+"""
+
+from __future__ import annotations
+
+import json
+
+import kopf
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
+
+from support.kube import KOPFEXAMPLES_CRD, kopf_settings, wait_for
+
+GROUP, VERSION, PLURAL, NS = "kopf.dev", "v1", "kopfexamples", "default"
+PREFIX = "tokensync.dev"
+
+
+def make_operator(kube, deleted: list[str]) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()  # not the global one: other tests register tokensync's handlers
+    kube.login_kopf(registry)
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="greet", registry=registry)
+    def greet(spec, body, **_):
+        kopf.info(body, reason="Greeted", message=f"hello {spec['field']}")  # posted as a v1 Event
+        return {"message": f"hello {spec['field']}"}  # lands in status.greet
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="farewell", registry=registry)
+    def farewell(name, **_):
+        deleted.append(name)
+
+    return registry
+
+
+def example(name):
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "KopfExample",
+        "metadata": {"name": name},
+        "spec": {"field": "world"},
+    }
+
+
+def run(registry):
+    return KopfRunner(
+        ["run", "--standalone", "--all-namespaces", "--verbose"],
+        registry=registry,
+        settings=kopf_settings(PREFIX),
+        timeout=30,
+    )
+
+
+def test_kopf_creates_finalizes_and_deletes(kube, kube_api):
+    kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))
+    custom, core = CustomObjectsApi(kube_api), CoreV1Api(kube_api)
+    deleted: list[str] = []
+
+    with run(make_operator(kube, deleted)) as runner:
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, example("ex1"))
+
+        def greeted():
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "ex1")
+            return obj if "greet" in obj.get("status", {}) else None
+
+        obj = wait_for(greeted)
+        assert obj["status"]["greet"] == {"message": "hello world"}
+        assert obj["metadata"]["finalizers"] == [f"{PREFIX}/finalizer"]
+        assert obj["metadata"]["annotations"] == {
+            f"{PREFIX}/kopf-managed": "yes",
+            f"{PREFIX}/last-handled-configuration": json.dumps({"spec": {"field": "world"}}, separators=(",", ":"))
+            + "\n",
+        }
+        assert obj["metadata"]["generation"] == 1  # kopf's own writes touched no spec
+
+        events = wait_for(lambda: core.list_namespaced_event(NS).items)
+        assert [(e.reason, e.message, e.type) for e in events] == [("Greeted", "hello world", "Normal")]
+        assert events[0].involved_object.uid == obj["metadata"]["uid"]
+
+        custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "ex1")
+        wait_for(lambda: deleted)
+
+        def gone():
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "ex1")
+            except ApiException as exc:
+                return exc.status == 404
+            return False
+
+        wait_for(gone)
+
+    assert deleted == ["ex1"]
+    assert runner.exception is None
+    assert "Traceback" not in runner.output
+    assert "Handler 'farewell' succeeded." in runner.output
+
+    # What kopf wrote over the object's life: finalizer, then its bookkeeping annotations, then
+    # the handler's result into status; deletion marked it; kopf removed its finalizer.
+    history = [v.raw for v in kube.emulator.objects[f"{GROUP}/{VERSION}/{PLURAL}", NS, "ex1"].history if v]
+    assert [sorted(v["metadata"].get("annotations", {})) for v in history][-1] == [
+        f"{PREFIX}/kopf-managed",
+        f"{PREFIX}/last-handled-configuration",
+    ]
+    assert [v["metadata"].get("finalizers") for v in history][-1] is None
+    assert "deletionTimestamp" in history[-1]["metadata"]
+
+
+@pytest.mark.timeout(60)
+def test_kopf_serves_a_crd_added_while_it_runs(kube, kube_api):
+    custom = CustomObjectsApi(kube_api)
+    deleted: list[str] = []
+
+    with run(make_operator(kube, deleted)):
+        kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))  # kopf watches CRDs and rescans the API
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, example("late"))
+
+        def greeted():
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "late")
+            return obj.get("status", {}).get("greet")
+
+        assert wait_for(greeted, timeout=20) == {"message": "hello world"}
