@@ -50,6 +50,11 @@ def test_min_interval_guards_against_hot_loops_but_never_past_expiry():
     assert due(5, minInterval="1m") == 5
 
 
+def test_default_guard_scales_down_for_very_short_tokens():
+    assert due(4) == 3.2
+    assert due(1) == 1  # half of 1 s would be under the 1 s floor; never past expiry
+
+
 def test_unknown_expiry_refreshes_hourly():
     assert due(None) == 3600
 

@@ -278,6 +278,7 @@ class Controller:
         self._discovery = DiscoveryCache(ttl=settings.discovery_ttl)
         self.scheduler = Scheduler(self._run, concurrency=settings.concurrency, clock=lambda: self._clock().timestamp())
         self.token_requests = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -288,6 +289,8 @@ class Controller:
         await self.scheduler.run()
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for client in self._ca_clients.values():
             await client.aclose()
         if self._owns_http:
@@ -382,7 +385,9 @@ class Controller:
             self._sources.get(source, set()).discard(key)
         if entry.credential is not None and self._backend(entry.credential) == StoreBackend.REDIS:
             store = entry.store or self._store(entry.credential)
-            asyncio.get_running_loop().create_task(self._clear_quietly(store, key))
+            task = asyncio.get_running_loop().create_task(self._clear_quietly(store, key))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         # Secrets of the Secret backend and Delete-policy targets are owned by the
         # credential: the API server's garbage collector removes them, even when
         # the operator is not running. No finalizer needed, so deletion never hangs.

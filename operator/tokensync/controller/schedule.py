@@ -9,7 +9,8 @@ Refresh time (per credential, from the *issued* lifetime, as cert-manager does):
   lifetime allows it, because a mounted Secret reaches pods only after the
   kubelet's sync period (about a minute) plus cache propagation;
 * never sooner than ``minInterval`` after issue (a guard against hot loops when a
-  server hands out very short tokens), and never after expiry.
+  server hands out very short tokens; by default 10 seconds, or half the lifetime
+  for tokens shorter than 20 seconds), and never after expiry.
 
 Jitter moves refreshes *earlier* by up to a small share of the lifetime, so that
 credentials created together spread out. It is derived from the credential's
@@ -45,6 +46,7 @@ logger = logging.getLogger("tokensync.scheduler")
 DEFAULT_PERCENT_USED = 0.8
 PROPAGATION_LEAD = timedelta(minutes=2)
 UNKNOWN_EXPIRY_INTERVAL = timedelta(hours=1)
+DEFAULT_MIN_INTERVAL = timedelta(seconds=10)
 
 
 def stable_fraction(*parts: object) -> float:
@@ -57,10 +59,15 @@ def refresh_time(token_set: TokenSet, spec: RefreshSpec, *, identity: str, jitte
     """The instant at which this token set should be renewed."""
     issued = token_set.issued_at
     expires = token_set.expires_at
-    min_interval = timedelta(seconds=spec.effective_min_interval())
     if expires is None:
-        return issued + max(UNKNOWN_EXPIRY_INTERVAL, min_interval)
+        return issued + max(UNKNOWN_EXPIRY_INTERVAL, timedelta(seconds=spec.effective_min_interval()))
     lifetime = expires - issued
+    if spec.min_interval is not None:
+        min_interval = timedelta(seconds=spec.effective_min_interval())
+    else:
+        # The default guard must not push short tokens past their expiry: half the
+        # lifetime, between 1 and 10 seconds.
+        min_interval = max(timedelta(seconds=1), min(DEFAULT_MIN_INTERVAL, lifetime / 2))
     if spec.renew_before is not None:
         due = expires - parse_duration(spec.renew_before)
     elif spec.renew_before_percentage is not None:

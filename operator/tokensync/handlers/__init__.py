@@ -111,14 +111,14 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="tokensync-credential")
-def credential_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def credential_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         controller.observe(dict(event["object"]), event.get("type"))
 
 
 @kopf.on.event("v1", "secrets", id="tokensync-secret")
-def secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         controller.observe_secret(dict(event["object"]), event.get("type"))

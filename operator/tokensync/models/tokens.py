@@ -125,9 +125,7 @@ class TokenSet(BaseModel):
         expires_in = _lifetime(payload.get("expires_in"))
         expires_at = issued + timedelta(seconds=expires_in) if expires_in is not None else jwt_expiry(access)
         refresh = payload.get("refresh_token")
-        refresh_secret = (
-            SecretStr(refresh) if isinstance(refresh, str) and refresh else previous_refresh_token
-        )
+        refresh_secret = SecretStr(refresh) if isinstance(refresh, str) and refresh else previous_refresh_token
         refresh_in = _lifetime(payload.get("refresh_expires_in"))
         refresh_expires_at: datetime | None
         if refresh_in is not None and refresh_in > 0:

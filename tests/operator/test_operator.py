@@ -1,0 +1,257 @@
+"""The real operator (kopf, tokensync's handlers and controller) against the API emulator
+and the real OAuth2 server: what a user sees with kubectl."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import redis
+
+from support.operator import Cluster, running_operator, wait_until
+from tokensync.models.settings import OperatorSettings
+
+
+def cc_spec(idp, secret="cc", **extra):
+    spec = {
+        "issuer": {"tokenURL": idp.token_url},
+        "grant": {
+            "type": "client_credentials",
+            "clientID": "cc-client",
+            "clientSecretRef": {"name": secret, "key": "secret"},
+        },
+    }
+    spec.update(extra)
+    return spec
+
+
+@pytest.fixture
+def cluster(kube, kube_api):
+    return Cluster(kube_api)
+
+
+def test_every_grant_and_client_authentication_method_lands_a_working_token(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    cluster.apply_secret("pw", {"secret": idp.client_secret("pw-client")})
+    cluster.apply_secret("alice", {"username": "alice", "password": idp.password("alice")})
+    cluster.apply_secret(
+        "bob",
+        {"username": "bob", "password": idp.password("bob"), "totp": idp.users["bob"].totp_seed.get_secret_value()},
+    )
+    cluster.apply_secret("keys", {"rs": idp.jwt_rs_private_key_pem, "es": idp.jwt_es_private_key_pem})
+    # A bootstrap refresh token, obtained the way a human would (a one-off login).
+    bootstrap = httpx.post(
+        idp.token_url,
+        data={"grant_type": "password", "username": "alice", "password": idp.password("alice")},
+        auth=("pw-client", idp.client_secret("pw-client")),
+    ).json()["refresh_token"]
+    cluster.apply_secret("bootstrap", {"token": bootstrap})
+
+    issuer = {"tokenURL": idp.token_url}
+    specs = {
+        "cc-basic": cc_spec(idp),
+        "cc-post": cc_spec(idp, grant={"type": "client_credentials", "clientID": "cc-client", "clientAuthMethod": "client_secret_post",
+                                       "clientSecretRef": {"name": "cc", "key": "secret"}}),
+        "cc-jwt-rs": {"issuer": issuer, "grant": {"type": "client_credentials", "clientID": "jwt-rs-client",
+                                                  "privateKeyRef": {"name": "keys", "key": "rs"}}},
+        "cc-jwt-es": {"issuer": issuer, "grant": {"type": "client_credentials", "clientID": "jwt-es-client",
+                                                  "privateKeyRef": {"name": "keys", "key": "es"}, "signingAlgorithm": "ES256"}},
+        "pw-public": {"issuer": {"issuerURL": idp.issuer_url},
+                      "grant": {"type": "password", "clientID": "public-client", "clientAuthMethod": "none",
+                                "usernameRef": {"name": "alice", "key": "username"},
+                                "passwordRef": {"name": "alice", "key": "password"}}},
+        "pw-totp": {"issuer": issuer, "grant": {"type": "password", "clientID": "pw-client",
+                                                "clientSecretRef": {"name": "pw", "key": "secret"},
+                                                "usernameRef": {"name": "bob", "key": "username"},
+                                                "passwordRef": {"name": "bob", "key": "password"},
+                                                "totpSecretRef": {"name": "bob", "key": "totp"}}},
+        "rt": {"issuer": issuer, "grant": {"type": "refresh_token", "clientID": "pw-client",
+                                           "clientSecretRef": {"name": "pw", "key": "secret"},
+                                           "refreshTokenRef": {"name": "bootstrap", "key": "token"}}},
+    }  # fmt: skip
+    with running_operator(kube.url):
+        for name, spec in specs.items():
+            cluster.apply_credential(name, spec)
+        for name in specs:
+            wait_until(lambda name=name: cluster.ready(name), what=f"{name} Ready: {cluster.condition(name)}")
+            data = cluster.secret_data(name)
+            assert data is not None and set(data) == {"access_token", "token_type", "expires_at"}
+            assert idp.introspect(data["access_token"])["active"] is True, name
+    # The refresh token stays in the store: never in the Secret pods mount.
+    state = cluster.secret("rt-tokensync-state")
+    assert state is not None and state["metadata"]["labels"]["tokensync.dev/role"] == "state"
+    assert "refresh_token" not in str(cluster.secret_data("rt"))
+
+
+def test_short_lived_tokens_are_renewed_before_they_expire(cluster, kube, make_idp):
+    idp = make_idp(access_token_lifetime=4)
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    idp.reset_counters()
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        seen: set[str] = set()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            data = cluster.secret_data("api")
+            assert data is not None
+            seen.add(data["access_token"])
+            expires = time.mktime(time.strptime(data["expires_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+            assert expires > time.time(), "the Secret held an expired token"
+            time.sleep(0.2)
+        status = cluster.credential("api")["status"]
+    assert len(seen) >= 3
+    # One token request per renewal, no more.
+    assert idp.token_request_count("cc-client") == status["refreshCount"]
+
+
+def test_restart_with_valid_tokens_makes_no_request_and_no_write(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+    secret_version = cluster.secret("api")["metadata"]["resourceVersion"]
+    state_version = cluster.secret("api-tokensync-state")["metadata"]["resourceVersion"]
+    cr_version = cluster.credential("api")["metadata"]["resourceVersion"]
+    idp.reset_counters()
+    with running_operator(kube.url) as operator:
+        wait_until(lambda: ("default", "api") in operator.controller.entries, what="credential seen")
+        operator.call(operator.controller.scheduler.wait_idle())
+        writes = {k: v for k, v in operator.controller.kube.requests.items() if k[0] != "GET"}
+    assert idp.token_request_count() == 0
+    assert writes == {}
+    assert cluster.secret("api")["metadata"]["resourceVersion"] == secret_version
+    assert cluster.secret("api-tokensync-state")["metadata"]["resourceVersion"] == state_version
+    assert cluster.credential("api")["metadata"]["resourceVersion"] == cr_version
+
+
+def test_spec_change_and_manual_refresh_get_new_tokens(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        first = cluster.secret_data("api")["access_token"]
+        cluster.apply_credential("api", cc_spec(idp, grant={
+            "type": "client_credentials", "clientID": "cc-client", "scopes": ["read"],
+            "clientSecretRef": {"name": "cc", "key": "secret"}}))  # fmt: skip
+        wait_until(lambda: cluster.credential("api")["status"].get("observedGeneration") == 2, what="gen 2")
+        second = cluster.secret_data("api")["access_token"]
+        assert second != first
+        assert idp.introspect(second)["scope"] == "read"
+        cluster.apply_credential("api", cluster.credential("api")["spec"], annotations={
+            "tokensync.dev/refresh-requested-at": "2026-01-01T00:00:00Z"})  # fmt: skip
+        wait_until(lambda: cluster.secret_data("api")["access_token"] != second, what="manual refresh")
+        status = cluster.credential("api")["status"]
+        assert status["handledRefreshRequest"] == "2026-01-01T00:00:00Z"
+
+
+def test_changed_source_secret_gets_a_new_grant(cluster, kube, make_idp):
+    idp = make_idp(fresh=True)
+    cluster.apply_secret("alice", {"username": "alice", "password": idp.password("alice")},
+                         labels={"tokensync.dev/role": "source"})  # fmt: skip
+    cluster.apply_secret("pw", {"secret": idp.client_secret("pw-client")})
+    spec = {"issuer": {"tokenURL": idp.token_url},
+            "grant": {"type": "password", "clientID": "pw-client", "clientSecretRef": {"name": "pw", "key": "secret"},
+                      "usernameRef": {"name": "alice", "key": "username"},
+                      "passwordRef": {"name": "alice", "key": "password"}}}  # fmt: skip
+    with running_operator(kube.url):
+        cluster.apply_credential("api", spec)
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        idp.set_password("alice", "new-secret-password-1")
+        idp.reset_counters()
+        cluster.apply_secret("alice", {"username": "alice", "password": "new-secret-password-1"},
+                             labels={"tokensync.dev/role": "source"})  # fmt: skip
+        wait_until(lambda: idp.token_request_count("pw-client", "password") >= 1, what="a new password grant")
+        wait_until(lambda: cluster.ready("api"), what="still Ready")
+        assert idp.introspect(cluster.secret_data("api")["access_token"])["active"] is True
+
+
+def test_deleted_or_edited_target_secret_is_repaired(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        token = cluster.secret_data("api")["access_token"]
+        cluster.core.delete_namespaced_secret("api", "default")
+        wait_until(lambda: cluster.secret_data("api"), what="recreated")
+        assert cluster.secret_data("api")["access_token"] == token  # repaired, not re-granted
+        body = cluster.secret("api")
+        body["data"]["access_token"] = "dGFtcGVyZWQ="
+        cluster.core.replace_namespaced_secret("api", "default", body)
+        wait_until(lambda: cluster.secret_data("api")["access_token"] == token, what="edit reverted")
+
+
+def test_a_foreign_secret_is_never_overwritten(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    cluster.apply_secret("taken", {"mine": "do-not-touch"})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp, target={"secretName": "taken"}))
+        wait_until(lambda: (cluster.condition("api") or {}).get("reason") == "SecretConflict", what="conflict")
+        assert "Secret taken" in cluster.condition("api")["message"]
+        assert cluster.condition("api", "Stalled")["status"] == "True"
+    assert cluster.secret_data("taken") == {"mine": "do-not-touch"}
+
+
+def test_bad_specs_say_which_field_and_others_keep_working(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    bad = {
+        "wrong-type": cc_spec(idp, grant={"type": "magic", "clientID": "c"}),
+        "missing-secret": cc_spec(idp, secret="nope"),
+        "missing-key": cc_spec(idp, grant={"type": "client_credentials", "clientID": "cc-client",
+                                           "clientSecretRef": {"name": "cc", "key": "nokey"}}),
+        "wrong-secret": cc_spec(idp, secret="wrong"),
+        "plain-http": {**cc_spec(idp), "issuer": {"tokenURL": "http://idp.example.com/token"}},
+    }  # fmt: skip
+    cluster.apply_secret("wrong", {"secret": "not-the-secret"})
+    expected = {
+        "wrong-type": ("InvalidSpec", "spec.grant.type"),
+        "missing-secret": ("SecretNotFound", "grant.clientSecretRef: Secret nope not found"),
+        "missing-key": ("SecretNotFound", "Secret cc has no key nokey"),
+        "wrong-secret": ("InvalidClient", "invalid_client"),
+        "plain-http": ("InvalidSpec", "issuer.tokenURL uses plain http"),
+    }
+    with running_operator(kube.url):
+        for name, spec in bad.items():
+            cluster.apply_credential(name, spec)
+        cluster.apply_credential("good", cc_spec(idp))
+        wait_until(lambda: cluster.ready("good"), what="good Ready")
+        for name, (reason, text) in expected.items():
+            condition = wait_until(
+                lambda name=name: (c := cluster.condition(name)) and c["reason"] != "Progressing" and c,
+                what=f"{name} condition",
+            )
+            assert condition["status"] == "False", name
+            assert condition["reason"] == reason, (name, condition)
+            assert text in condition["message"], (name, condition)
+            assert "not-the-secret" not in str(cluster.credential(name))
+
+
+def test_redis_backend_keeps_the_token_set_in_redis(cluster, kube, idp, redis_url):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    settings = OperatorSettings(redis_url=redis_url, backoff_initial=0.5)
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("api", cc_spec(idp, store={"backend": "redis"}))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists("tokensync:default/api") == 1
+    assert 0 < client.ttl("tokensync:default/api") <= 3600
+    assert cluster.secret("api-tokensync-state") is None
+    with running_operator(kube.url, settings=settings) as operator:
+        wait_until(lambda: ("default", "api") in operator.controller.entries, what="credential seen")
+        cluster.delete_credential("api")
+        wait_until(lambda: client.exists("tokensync:default/api") == 0, what="key removed")
+
+
+def test_deletion_follows_the_deletion_policy(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("gone", cc_spec(idp))
+        cluster.apply_credential("kept", cc_spec(idp, target={"deletionPolicy": "Retain"}))
+        wait_until(lambda: cluster.ready("gone") and cluster.ready("kept"), what="Ready")
+        cluster.delete_credential("gone")
+        cluster.delete_credential("kept")
+        wait_until(lambda: cluster.secret("gone") is None, what="target collected")
+        wait_until(lambda: cluster.secret("gone-tokensync-state") is None, what="state collected")
+        wait_until(lambda: cluster.secret("kept-tokensync-state") is None, what="state collected")
+    assert cluster.secret_data("kept") is not None
