@@ -11,10 +11,9 @@ import json
 
 import kopf
 import pytest
-from kopf.testing import KopfRunner
 from kubernetes.client import ApiException, CoreV1Api, CustomObjectsApi
 
-from support.kube import KOPFEXAMPLES_CRD, kopf_settings, wait_for
+from support.kube import KOPFEXAMPLES_CRD, kopf_running, kopf_settings, wait_for
 
 GROUP, VERSION, PLURAL, NS = "kopf.dev", "v1", "kopfexamples", "default"
 PREFIX = "tokensync.dev"
@@ -45,21 +44,12 @@ def example(name):
     }
 
 
-def run(registry):
-    return KopfRunner(
-        ["run", "--standalone", "--all-namespaces", "--verbose"],
-        registry=registry,
-        settings=kopf_settings(PREFIX),
-        timeout=30,
-    )
-
-
 def test_kopf_creates_finalizes_and_deletes(kube, kube_api):
     kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))
     custom, core = CustomObjectsApi(kube_api), CoreV1Api(kube_api)
     deleted: list[str] = []
 
-    with run(make_operator(kube, deleted)) as runner:
+    with kopf_running(make_operator(kube, deleted), kopf_settings(PREFIX)) as runner:
         custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, example("ex1"))
 
         def greeted():
@@ -113,7 +103,7 @@ def test_kopf_serves_a_crd_added_while_it_runs(kube, kube_api):
     custom = CustomObjectsApi(kube_api)
     deleted: list[str] = []
 
-    with run(make_operator(kube, deleted)):
+    with kopf_running(make_operator(kube, deleted), kopf_settings(PREFIX)):
         kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))  # kopf watches CRDs and rescans the API
         custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, example("late"))
 

@@ -6,13 +6,16 @@ The `kube` / `kube_api` fixtures in tests/conftest.py build on these.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import kopf
+from kopf.testing import KopfRunner
 
 from tokensync.devkit.kube import RunningCluster
 
@@ -68,6 +71,42 @@ def kopf_settings(prefix: str = "tokensync.dev") -> kopf.OperatorSettings:
     settings.watching.server_timeout = 10  # the emulator honours timeoutSeconds
     settings.networking.request_timeout = 10
     return settings
+
+
+@contextmanager
+def preserved_logging() -> Iterator[None]:
+    """Undo what `kopf run` does to the process's logging (root level & handlers, `asyncio`).
+
+    Otherwise later tests see DEBUG records from everywhere in `caplog`, and a handler that
+    writes to KopfRunner's closed output stream.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("asyncio")]
+    saved = [(logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
+@contextmanager
+def kopf_running(
+    registry: kopf.OperatorRegistry,
+    settings: kopf.OperatorSettings | None = None,
+    args: Sequence[str] = ("--all-namespaces", "--verbose"),
+) -> Iterator[KopfRunner]:
+    """`kopf run --standalone` with these handlers in a thread, logging restored afterwards.
+
+    Log kopf in first: `kube.login_kopf(registry)`. The output is in `runner.output` on exit.
+    """
+    settings = settings if settings is not None else kopf_settings()
+    with (
+        preserved_logging(),
+        KopfRunner(["run", "--standalone", *args], registry=registry, settings=settings, timeout=30) as runner,
+    ):
+        yield runner
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02) -> T:
