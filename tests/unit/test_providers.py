@@ -37,9 +37,7 @@ def test_client_credentials_defaults_to_basic_with_urlencoded_parts():
     provider = ClientCredentialsAuth("my:client", "test-secret-é:/", scopes=["read", "write"], audience="api")
     data, headers = apply(provider)
     assert data == {"grant_type": "client_credentials", "scope": "read write", "audience": "api"}
-    user, _, password = (
-        base64.b64decode(headers["Authorization"].removeprefix("Basic ")).decode().partition(":")
-    )
+    user, _, password = base64.b64decode(headers["Authorization"].removeprefix("Basic ")).decode().partition(":")
     assert (unquote(user), unquote(password)) == ("my:client", "test-secret-é:/")
 
 
@@ -119,19 +117,13 @@ def test_refresh_form_asks_for_the_original_scope():
     ],
 )
 def test_private_key_jwt_signs_a_fresh_assertion_per_request(algorithm, key):
-    provider = ClientCredentialsAuth(
-        "jwt-client", private_key=pem(key), signing_algorithm=algorithm, key_id="k1"
-    )
+    provider = ClientCredentialsAuth("jwt-client", private_key=pem(key), signing_algorithm=algorithm, key_id="k1")
     first, headers = apply(provider)
     second, _ = apply(provider)
     assert "Authorization" not in headers
     assert first["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-    claims = jwt.decode(
-        first["client_assertion"], key.public_key(), algorithms=[algorithm], audience=TOKEN_URL
-    )
-    again = jwt.decode(
-        second["client_assertion"], key.public_key(), algorithms=[algorithm], audience=TOKEN_URL
-    )
+    claims = jwt.decode(first["client_assertion"], key.public_key(), algorithms=[algorithm], audience=TOKEN_URL)
+    again = jwt.decode(second["client_assertion"], key.public_key(), algorithms=[algorithm], audience=TOKEN_URL)
     assert claims["iss"] == claims["sub"] == "jwt-client"
     assert claims["exp"] > claims["iat"]
     assert claims["jti"] != again["jti"]

@@ -52,9 +52,7 @@ def test_refresh_token_jwt_exp_gives_refresh_expiry():
     assert ts.refresh_expires_at == datetime.fromtimestamp(exp, UTC)
 
 
-@pytest.mark.parametrize(
-    "token", ["opaque-test-secret", "a.b", "x.!!!.y", make_jwt({"exp": "soon"}), make_jwt({})]
-)
+@pytest.mark.parametrize("token", ["opaque-test-secret", "a.b", "x.!!!.y", make_jwt({"exp": "soon"}), make_jwt({})])
 def test_unknown_expiry_stays_unknown(token):
     assert jwt_expiry(token) is None
     ts = TokenSet.from_response({"access_token": token}, now=NOW)
@@ -72,9 +70,7 @@ def test_validity_honours_skew():
 def test_refresh_validity():
     no_rt = TokenSet.from_response({"access_token": "test-secret-at"}, now=NOW)
     assert not no_rt.refresh_valid()
-    forever = TokenSet.from_response(
-        {"access_token": "test-secret-at", "refresh_token": "test-secret-rt"}, now=NOW
-    )
+    forever = TokenSet.from_response({"access_token": "test-secret-at", "refresh_token": "test-secret-rt"}, now=NOW)
     assert forever.refresh_valid(now=NOW + timedelta(days=365))
     bounded = TokenSet.from_response(
         {"access_token": "test-secret-at", "refresh_token": "test-secret-rt", "refresh_expires_in": 100},

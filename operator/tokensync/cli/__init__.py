@@ -109,11 +109,12 @@ async def run_operator(wiring: Any, *, liveness: str | None = None, stop: asynci
     """The operator in this event loop, until ``stop`` is set (or forever)."""
     import kopf
 
-    import tokensync.handlers  # noqa: F401 - registers the handlers
+    from tokensync.handlers import REGISTRY
 
     memo = kopf.Memo(wiring=wiring)
     settings = wiring.settings
     await kopf.operator(
+        registry=REGISTRY,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         standalone=True,

@@ -29,9 +29,14 @@ from tokensync.controller.secrets import ROLE_LABEL
 from tokensync.models.credential import GROUP, PLURAL, VERSION
 from tokensync.models.settings import OperatorSettings
 
-__all__ = ["Wiring", "configure_kopf"]
+__all__ = ["REGISTRY", "Wiring", "configure_kopf"]
 
 logger = logging.getLogger("tokensync.handlers")
+
+#: tokensync's own registry: handlers that other code adds to kopf's default
+#: registry (a login handler of a test, an embedding application's handlers)
+#: never run inside the operator, and ours never run inside theirs.
+REGISTRY = kopf.OperatorRegistry()
 
 
 @dataclass
@@ -67,7 +72,7 @@ def configure_kopf(settings: kopf.OperatorSettings, wiring: Wiring) -> None:
     settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
 
 
-@kopf.on.login(id="tokensync-login")
+@kopf.on.login(id="tokensync-login", registry=REGISTRY)
 def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     wiring: Wiring = memo.get("wiring") or Wiring()
     if wiring.server_url is not None:
@@ -75,7 +80,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
-@kopf.on.startup(id="tokensync-startup")
+@kopf.on.startup(id="tokensync-startup", registry=REGISTRY)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     wiring: Wiring = memo.get("wiring") or Wiring()
     memo["wiring"] = wiring
@@ -98,7 +103,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     logger.info("tokensync started: %d managed Secrets known", len(controller.secrets))
 
 
-@kopf.on.cleanup(id="tokensync-cleanup")
+@kopf.on.cleanup(id="tokensync-cleanup", registry=REGISTRY)
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     task: asyncio.Task[None] | None = memo.get("scheduler")
     if task is not None:
@@ -110,21 +115,21 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await controller.kube.close()
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL, id="tokensync-credential")
+@kopf.on.event(GROUP, VERSION, PLURAL, id="tokensync-credential", registry=REGISTRY)
 async def credential_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         controller.observe(dict(event["object"]), event.get("type"))
 
 
-@kopf.on.event("v1", "secrets", id="tokensync-secret")
+@kopf.on.event("v1", "secrets", id="tokensync-secret", registry=REGISTRY)
 async def secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         controller.observe_secret(dict(event["object"]), event.get("type"))
 
 
-@kopf.on.probe(id="credentials")
+@kopf.on.probe(id="credentials", registry=REGISTRY)
 def probe(memo: kopf.Memo, **_: Any) -> int:
     controller: Controller | None = memo.get("controller")
     return len(controller.entries) if controller is not None else 0
