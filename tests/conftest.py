@@ -141,3 +141,43 @@ def kube_api(kube: RunningCluster) -> Iterator[kubernetes.client.ApiClient]:
 
     with kubernetes.client.ApiClient(kube.kube_configuration()) as client:
         yield client
+
+
+# -- Secret leaks: every log record, in every test, is scanned for secrets (support/leaks.py) ---
+
+from support import leaks  # noqa: E402
+
+_LEAK_WATCH = leaks.LeakWatch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import logging
+
+    # DEBUG, so that a secret cannot hide in a record nobody looks at by default.
+    root = logging.getLogger()
+    root.addHandler(_LEAK_WATCH)
+    root.setLevel(logging.DEBUG)
+    from support.idp import ALICE_PASSWORD, BOB_PASSWORD, BOB_TOTP_SEED, CC_SECRET, PW_SECRET
+
+    leaks.register(CC_SECRET, PW_SECRET, ALICE_PASSWORD, BOB_PASSWORD, BOB_TOTP_SEED)
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_leaks() -> Iterator[None]:
+    """Fails the test during which any log record carried a secret (named by kind, not value)."""
+    _LEAK_WATCH.take()
+    yield
+    problems = leaks.scan_records(_LEAK_WATCH.take())
+    if problems:
+        pytest.fail("secret leaked: " + "; ".join(sorted(set(problems))[:10]), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if call.excinfo is not None:
+        text = f"{call.excinfo.value!s} {call.excinfo.value!r}"
+        hits = leaks.find(text)
+        if hits:
+            report.sections.append(("secret leak", f"the failure's exception text contains {', '.join(hits)}"))
+    return report

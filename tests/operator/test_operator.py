@@ -28,7 +28,10 @@ def cc_spec(idp, secret="cc", **extra):
 
 @pytest.fixture
 def cluster(kube, kube_api):
-    return Cluster(kube_api)
+    cluster = Cluster(kube_api)
+    yield cluster
+    problems = cluster.leak_report()
+    assert not problems, problems
 
 
 def test_every_grant_and_client_authentication_method_lands_a_working_token(cluster, kube, idp):

@@ -17,6 +17,7 @@ from typing import Any
 
 import kubernetes.client
 
+from support import leaks
 from tokensync.cli import run_operator
 from tokensync.controller import Controller
 from tokensync.handlers import Wiring
@@ -121,7 +122,10 @@ class Cluster:
         body = self.secret(name)
         if body is None:
             return None
-        return {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        # Tokens belong in Secrets, nowhere else (expiry and type are public facts).
+        leaks.register(*(v for k, v in data.items() if k not in ("token_type", "expires_at")))
+        return data
 
     def apply_credential(self, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
         body = {
@@ -160,6 +164,18 @@ class Cluster:
             if condition.get("type") == kind:
                 return condition  # type: ignore[no-any-return]
         return None
+
+    def leak_report(self) -> list[str]:
+        """Secrets found in any credential's status or any Event of the namespace."""
+        problems = []
+        credentials = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        for item in credentials.get("items", []):
+            for hit in leaks.find(str(item.get("status")) + str(item.get("metadata", {}).get("annotations"))):
+                problems.append(f"OAuthCredential {item['metadata']['name']} status/annotations contain {hit}")
+        for event in self.core.list_namespaced_event(self.namespace).items:
+            for hit in leaks.find(f"{event.reason} {event.message}"):
+                problems.append(f"Event {event.reason} contains {hit}")
+        return problems
 
     def ready(self, name: str) -> bool:
         condition = self.condition(name)
