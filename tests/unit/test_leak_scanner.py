@@ -1,6 +1,8 @@
 """The leak detector itself: it must catch what it claims to catch."""
 
 import logging
+import textwrap
+from pathlib import Path
 
 from support import leaks
 
@@ -16,13 +18,27 @@ def test_finds_registered_values_raw_and_base64_and_the_naming_convention():
 
 
 def test_a_secret_in_any_log_record_fails_the_test_that_logged_it(pytester):
+    tests_dir = Path(__file__).resolve().parents[1]
     pytester.makeconftest(
-        "import sys; sys.path.insert(0, %r)\nfrom support import leaks\n_W = leaks.LeakWatch()\n"
-        "import logging, pytest\n"
-        "def pytest_configure(config):\n    logging.getLogger().addHandler(_W); logging.getLogger().setLevel(logging.DEBUG)\n"
-        "@pytest.fixture(autouse=True)\ndef _scan():\n    _W.take()\n    yield\n"
-        "    problems = leaks.scan_records(_W.take())\n    if problems: pytest.fail('secret leaked: ' + '; '.join(problems))\n"
-        % str(__import__("pathlib").Path(__file__).resolve().parents[1])
+        textwrap.dedent(f"""
+            import logging, sys
+            import pytest
+            sys.path.insert(0, {str(tests_dir)!r})
+            from support import leaks
+            WATCH = leaks.LeakWatch()
+
+            def pytest_configure(config):
+                logging.getLogger().addHandler(WATCH)
+                logging.getLogger().setLevel(logging.DEBUG)
+
+            @pytest.fixture(autouse=True)
+            def _scan():
+                WATCH.take()
+                yield
+                problems = leaks.scan_records(WATCH.take())
+                if problems:
+                    pytest.fail("secret leaked: " + "; ".join(problems))
+        """)
     )
     pytester.makepyfile(
         "import logging\n"
