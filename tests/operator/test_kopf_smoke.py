@@ -23,8 +23,13 @@ def make_operator(kube, deleted: list[str]) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()  # not the global one: other tests register tokensync's handlers
     kube.login_kopf(registry)
 
+    @kopf.index(GROUP, VERSION, PLURAL, id="fields", registry=registry)
+    def fields(name, spec, **_):  # kopf holds all handlers until indexes see the initial listing end
+        return {name: spec.get("field")}
+
     @kopf.on.create(GROUP, VERSION, PLURAL, id="greet", registry=registry)
-    def greet(spec, body, **_):
+    def greet(spec, body, fields, **_):
+        assert fields  # the index includes this very object
         kopf.info(body, reason="Greeted", message=f"hello {spec['field']}")  # posted as a v1 Event
         return {"message": f"hello {spec['field']}"}  # lands in status.greet
 
@@ -44,12 +49,15 @@ def example(name):
     }
 
 
-def test_kopf_creates_finalizes_and_deletes(kube, kube_api):
+@pytest.mark.parametrize("initial_streaming", [False, True], ids=["list-then-watch", "initial-streaming"])
+def test_kopf_creates_finalizes_and_deletes(kube, kube_api, initial_streaming):
     kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))
     custom, core = CustomObjectsApi(kube_api), CoreV1Api(kube_api)
     deleted: list[str] = []
+    settings = kopf_settings(PREFIX)
+    settings.watching.initial_streaming = initial_streaming  # sendInitialEvents & its end bookmark
 
-    with kopf_running(make_operator(kube, deleted), kopf_settings(PREFIX)) as runner:
+    with kopf_running(make_operator(kube, deleted), settings) as runner:
         custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, example("ex1"))
 
         def greeted():
@@ -84,6 +92,10 @@ def test_kopf_creates_finalizes_and_deletes(kube, kube_api):
 
     assert deleted == ["ex1"]
     assert runner.exception is None
+    requests = [r for r in kube.emulator if r.resource == f"{GROUP}/{VERSION}/{PLURAL}" and r.action]
+    calls = {(r.action.value, r.params.get("sendInitialEvents")) for r in requests}
+    assert (("LIST", None) in calls) is not initial_streaming
+    assert (("WATCH", "true") in calls) is initial_streaming
     assert "Traceback" not in runner.output
     assert "Handler 'farewell' succeeded." in runner.output
 
