@@ -50,6 +50,27 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="Exit 0 once every credential has refreshed its token (for tests).")
+@click.option("--lifetime", type=click.IntRange(4, 3600), default=20, show_default=True, help="Token lifetime (s).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="With --once: give up after this.")
+def demo(once: bool, lifetime: int, timeout: float) -> None:
+    """Run the operator on an embedded default: API emulator, OAuth2 server, live table."""
+    try:
+        from tokensync.cli.demo import run_demo
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the demo needs the 'demo' extra ({exc.name} is missing): pip install 'tokensync[demo]'"
+        ) from None
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = asyncio.run(run_demo(lifetime=lifetime, once=once, timeout=timeout))
+    except KeyboardInterrupt:
+        click.echo("stopped")
+        code = 0
+    sys.exit(code)
+
+
+@main.command()
 def crd() -> None:
     """Print the OAuthCredential CustomResourceDefinition (generated from the models)."""
     from tokensync.models.crd import crd_yaml
@@ -94,14 +115,23 @@ def run(
         overrides["default_store"] = store
     if redis_url:
         overrides["redis_url"] = redis_url
-    if concurrency:
+    if concurrency is not None:
         overrides["concurrency"] = concurrency
     try:
         settings = OperatorSettings(**overrides)
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         raise click.UsageError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    wiring = Wiring(settings=settings, kubeconfig=kubeconfig, context=context)
+    from tokensync.controller import load_configuration
+
+    try:
+        configuration = load_configuration(kubeconfig, context)
+    except Exception as exc:  # kubeconfig parsing raises a zoo of types; the text names the file
+        raise click.ClickException(
+            f"cannot load Kubernetes credentials: {exc}\n"
+            "hint: pass --kubeconfig, set KUBECONFIG, or run in a pod with a service account"
+        ) from None
+    wiring = Wiring(settings=settings, configuration=configuration)
     asyncio.run(run_operator(wiring, liveness=liveness or None))
 
 

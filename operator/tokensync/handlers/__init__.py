@@ -44,8 +44,9 @@ class Wiring:
     """How the operator reaches the world; tests and the demo swap parts of it."""
 
     settings: OperatorSettings = field(default_factory=OperatorSettings)
-    kubeconfig: str | None = None
-    context: str | None = None
+    #: A loaded ``kubernetes.client.Configuration``; kopf and tokensync's own client
+    #: both use it, so ``--kubeconfig`` means the same cluster for both.
+    configuration: Any = None
     #: For API emulators: a plain URL instead of kubeconfig / in-cluster credentials.
     server_url: str | None = None
     #: Called with the controller once it exists (the demo's live table, tests).
@@ -77,7 +78,22 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     wiring: Wiring = memo.get("wiring") or Wiring()
     if wiring.server_url is not None:
         return kopf.ConnectionInfo(server=wiring.server_url, insecure=True, scheme="Bearer", token="tokensync")
-    return kopf.login_via_client(**kwargs)
+    if wiring.configuration is None:
+        return kopf.login_via_client(**kwargs)
+    configuration = wiring.configuration
+    # The token is read again at each login: kopf logs in again after a 401, and
+    # in-cluster service-account tokens rotate on disk.
+    header = configuration.get_api_key_with_prefix("authorization") or ""
+    scheme, _, token = header.partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file or None,
+        private_key_path=configuration.key_file or None,
+        scheme=scheme or None,
+        token=token or None,
+    )
 
 
 @kopf.on.startup(id="tokensync-startup", registry=REGISTRY)
@@ -88,7 +104,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if wiring.server_url is not None:
         kube = KubeClient.for_url(wiring.server_url)
     else:
-        configuration = await asyncio.to_thread(load_configuration, wiring.kubeconfig, wiring.context)
+        configuration = wiring.configuration or await asyncio.to_thread(load_configuration)
         kube = KubeClient.from_configuration(configuration)
     controller = Controller(
         kube=kube,
