@@ -103,7 +103,7 @@ def _ago(stamp: str | None, now: float) -> str:
     if not stamp:
         return "-"
     when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    delta = int(round(when - now))
+    delta = round(when - now)
     return f"in {delta}s" if delta >= 0 else f"{-delta}s ago"
 
 
