@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint unit bench
+.PHONY: setup demo test lint
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,8 @@ demo: setup
 	$(BIN)/tokensync demo
 
 lint: setup
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check operator tests $(wildcard bench)
+	$(BIN)/ruff format --check operator tests $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -28,6 +28,3 @@ test: setup
 	bash scripts/ensure-redis
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest
-
-bench: setup
-	$(BIN)/python bench/run.py

@@ -156,3 +156,40 @@ def test_transition_time_moves_only_when_the_status_changes():
                          now=later)  # fmt: skip
     assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:05:00Z"
     assert [c["type"] for c in flipped] == ["Ready"]
+
+
+def test_bearer_token_is_found_where_each_kubernetes_client_version_keeps_it():
+    import kubernetes.client
+
+    from tokensync.controller import bearer_header
+
+    new = kubernetes.client.Configuration()
+    new.api_key = {"BearerToken": "test-secret-sa-token"}
+    new.api_key_prefix = {"BearerToken": "Bearer"}
+    old = kubernetes.client.Configuration()
+    old.api_key = {"authorization": "Bearer test-secret-old"}
+    assert bearer_header(new) == "Bearer test-secret-sa-token"
+    assert bearer_header(old) == "Bearer test-secret-old"
+    assert bearer_header(kubernetes.client.Configuration()) is None
+
+
+async def test_the_operator_client_sends_the_configurations_token():
+    import httpx
+    import kubernetes.client
+
+    from tokensync.controller import KubeClient
+
+    configuration = kubernetes.client.Configuration(host="https://api.test")
+    configuration.api_key = {"BearerToken": "test-secret-sa-token"}
+    configuration.api_key_prefix = {"BearerToken": "Bearer"}
+    seen = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"items": [], "metadata": {}})
+
+    client = KubeClient.from_configuration(configuration)
+    client._http._transport = httpx.MockTransport(api)
+    await client.list_secrets("ns", label_selector="x")
+    await client.close()
+    assert seen == ["Bearer test-secret-sa-token"]

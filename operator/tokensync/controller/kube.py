@@ -33,11 +33,24 @@ import httpx
 from tokensync.models.credential import GROUP, PLURAL, VERSION
 from tokensync.stores.kubernetes import ApiConflictError, ApiError, ApiNotFoundError
 
-__all__ = ["KubeClient", "load_configuration"]
+__all__ = ["KubeClient", "bearer_header", "load_configuration"]
 
 logger = logging.getLogger("tokensync.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def bearer_header(configuration: Any) -> str | None:
+    """The ``Authorization`` header value a kubernetes Configuration holds, if any.
+
+    kubernetes >= 36 keeps it under ``BearerToken``, older versions under
+    ``authorization``; asking through ``get_api_key_with_prefix`` also runs the
+    refresh hook that re-reads rotated service-account tokens.
+    """
+    header: str | None = configuration.get_api_key_with_prefix("BearerToken") or (
+        configuration.get_api_key_with_prefix("authorization")
+    )
+    return header or None
 
 
 class _BearerFromConfiguration(httpx.Auth):
@@ -49,9 +62,9 @@ class _BearerFromConfiguration(httpx.Auth):
         self._configuration = configuration
 
     def auth_flow(self, request: httpx.Request) -> Any:
-        token = self._configuration.get_api_key_with_prefix("authorization")
-        if token:
-            request.headers["Authorization"] = token
+        header = bearer_header(self._configuration)
+        if header:
+            request.headers["Authorization"] = header
         yield request
 
 

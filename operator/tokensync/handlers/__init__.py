@@ -24,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from tokensync.controller import Controller, KubeClient, load_configuration, redis_store_factory
+from tokensync.controller import Controller, KubeClient, bearer_header, load_configuration, redis_store_factory
 from tokensync.controller.secrets import ROLE_LABEL
 from tokensync.models.credential import GROUP, PLURAL, VERSION
 from tokensync.models.settings import OperatorSettings
@@ -70,6 +70,12 @@ def configure_kopf(settings: kopf.OperatorSettings, wiring: Wiring) -> None:
     settings.watching.connect_timeout = 30
     # Handler errors are logged, not posted: tokensync posts its own, sanitised Events.
     settings.posting.enabled = False
+    # With a namespace list, serve exactly those namespaces and the resources that
+    # exist at start: the dynamic scan would need cluster-wide list/watch on
+    # namespaces and CRDs, which a namespaced installation does not grant (kopf
+    # then retries the 403s for about a minute before serving anything).
+    if wiring.settings.namespaces:
+        settings.scanning.disabled = True
     settings.networking.error_backoffs = [1, 2, 5, 10, 20, 30]
 
 
@@ -83,8 +89,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     configuration = wiring.configuration
     # The token is read again at each login: kopf logs in again after a 401, and
     # in-cluster service-account tokens rotate on disk.
-    header = configuration.get_api_key_with_prefix("authorization") or ""
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = (bearer_header(configuration) or "").partition(" ")
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert or None,
