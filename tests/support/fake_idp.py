@@ -86,9 +86,7 @@ def oauth_error(status: int, error: str, description: str | None = None, **heade
     body = {"error": error}
     if description is not None:
         body["error_description"] = description
-    return httpx.Response(
-        status, content=json.dumps(body), headers={"content-type": "application/json", **headers}
-    )
+    return httpx.Response(status, content=json.dumps(body), headers={"content-type": "application/json", **headers})
 
 
 def process_then_lose(idp: FakeIdP) -> Script:
