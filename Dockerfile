@@ -85,6 +85,6 @@ USER 65532:65532
 WORKDIR /tmp
 
 # Kopf liveness endpoint (/healthz, `--liveness`), and the metrics to come.
-EXPOSE 8080
+EXPOSE 8080 9090
 
 ENTRYPOINT ["tokensync", "run"]

@@ -232,7 +232,7 @@ def test_bad_specs_say_which_field_and_others_keep_working(cluster, kube, idp):
 
 def test_redis_backend_keeps_the_token_set_in_redis(cluster, kube, idp, redis_url):
     cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
-    settings = OperatorSettings(redis_url=redis_url, backoff_initial=0.5)
+    settings = OperatorSettings(redis_url=redis_url, backoff_initial=0.5, metrics_port=0)
     with running_operator(kube.url, settings=settings):
         cluster.apply_credential("api", cc_spec(idp, store={"backend": "redis"}))
         wait_until(lambda: cluster.ready("api"), what="Ready")
@@ -258,3 +258,33 @@ def test_deletion_follows_the_deletion_policy(cluster, kube, idp):
         wait_until(lambda: cluster.secret("gone-tokensync-state") is None, what="state collected")
         wait_until(lambda: cluster.secret("kept-tokensync-state") is None, what="state collected")
     assert cluster.secret_data("kept") is not None
+
+
+def test_metrics_show_every_credentials_expiry_and_renewal_outcomes(cluster, kube, idp):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    cluster.apply_secret("wrong", {"secret": "not-the-secret"})
+    settings = OperatorSettings(metrics_port=port, metrics_address="127.0.0.1", backoff_initial=0.5)
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("api", cc_spec(idp))
+        cluster.apply_credential("broken", cc_spec(idp, secret="wrong"))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        wait_until(lambda: (cluster.condition("broken") or {}).get("reason") == "InvalidClient", what="broken")
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    expires = cluster.credential("api")["status"]["expiresAt"]
+    expected = time.mktime(time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    line = next(
+        l for l in text.splitlines() if l.startswith('tokensync_credential_expiry_timestamp_seconds{name="api"')
+    )
+    assert abs(float(line.rsplit(" ", 1)[1]) - expected) < 1
+    assert 'tokensync_credential_ready{name="api",namespace="default"} 1.0' in text
+    assert 'tokensync_credential_ready{name="broken",namespace="default"} 0.0' in text
+    assert 'tokensync_refresh_total{error="",outcome="success",reason=""}' in text
+    assert 'tokensync_refresh_total{error="invalid_client",outcome="failure",reason="InvalidClient"}' in text
+    assert 'tokensync_token_endpoint_request_duration_seconds_count{status="2xx"}' in text
+    assert 'tokensync_store_operations_total{backend="secret",operation="save",outcome="ok"}' in text
+    assert "not-the-secret" not in text and idp.client_secret("cc-client") not in text

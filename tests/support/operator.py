@@ -49,7 +49,7 @@ def running_operator(url: str, *, settings: OperatorSettings | None = None) -> I
         ready.set()
 
     wiring = Wiring(
-        settings=settings or OperatorSettings(backoff_initial=0.5, backoff_max=5),
+        settings=settings or OperatorSettings(backoff_initial=0.5, backoff_max=5, metrics_port=0),
         server_url=url,
         on_controller=on_controller,
     )

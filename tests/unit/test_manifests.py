@@ -485,7 +485,8 @@ def test_deployment_runs_one_hardened_operator():
     assert "command" not in c, "the image's ENTRYPOINT is `tokensync run`"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
-    assert {"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+    assert {"name": "http-metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
 
     hardening = {
         "runAsNonRoot": True,
@@ -512,7 +513,7 @@ def test_metrics_service_reaches_the_pod():
     service = one(objects, "Service", "tokensync-metrics")
     deployment = one(objects, "Deployment", "tokensync")
     assert service["spec"]["ports"] == [
-        {"name": "http-metrics", "port": 8080, "targetPort": "http-metrics", "protocol": "TCP"}
+        {"name": "http-metrics", "port": 9090, "targetPort": "http-metrics", "protocol": "TCP"}
     ]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
@@ -776,7 +777,7 @@ def test_dockerfile_matches_the_deployment():
     joined = "\n".join(final)
     assert "USER 65532:65532" in final
     assert 'ENTRYPOINT ["tokensync", "run"]' in final
-    assert "EXPOSE 8080" in final
+    assert "EXPOSE 8080 9090" in final
     assert "COPY --from=builder /opt/tokensync /opt/tokensync" in final
     assert "PYTHONDONTWRITEBYTECODE=1" in joined and "HOME=/tmp" in joined
     assert not re.search(r"apt-get|apk |gcc|build-essential|pip install", joined), "the final stage installs nothing"

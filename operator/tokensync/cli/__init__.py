@@ -89,6 +89,7 @@ def crd() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", help="Kopf liveness endpoint ('' to disable).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port (default 9090; 0 disables).")
 def run(
     namespaces: tuple[str, ...],
     all_namespaces: bool,
@@ -100,6 +101,7 @@ def run(
     log_level: str,
     log_format: str,
     liveness: str,
+    metrics_port: int | None,
 ) -> None:
     """Run the operator."""
     from pydantic import ValidationError
@@ -117,6 +119,8 @@ def run(
         overrides["redis_url"] = redis_url
     if concurrency is not None:
         overrides["concurrency"] = concurrency
+    if metrics_port is not None:
+        overrides["metrics_port"] = metrics_port
     try:
         settings = OperatorSettings(**overrides)
     except ValidationError as exc:

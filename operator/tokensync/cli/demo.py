@@ -174,7 +174,7 @@ async def _drive(url: str, idp: Any, creds: dict[str, str], *, once: bool, timeo
     from tokensync.cli import run_operator
 
     stop = asyncio.Event()
-    settings = OperatorSettings()
+    settings = OperatorSettings(metrics_port=0)
     operator = asyncio.create_task(run_operator(Wiring(settings=settings, server_url=url), stop=stop))
     interactive = out.isatty()
     try:

@@ -54,6 +54,7 @@ from tokensync.auth import (
 )
 from tokensync.auth.discovery import DiscoveryCache
 from tokensync.controller.kube import KubeClient
+from tokensync.controller.metrics import InstrumentedStore, Metrics
 from tokensync.controller.outcomes import (
     InvalidSpecError,
     ReferenceMissingError,
@@ -263,11 +264,13 @@ class Controller:
         redis_store_factory: StoreFactory | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_renewed: Callable[[Key, TokenSet], Awaitable[None] | None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.secrets = SecretCache(kube)
-        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0), event_hooks=self.metrics.http_hooks())
         self._owns_http = http is None
         self._ca_clients: dict[str, httpx.AsyncClient] = {}
         self._redis_store_factory = redis_store_factory
@@ -379,6 +382,7 @@ class Controller:
     def _forget(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
         self.scheduler.cancel(key)
+        self.metrics.forget(key)
         if entry is None:
             return
         for source in entry.sources:
@@ -421,6 +425,7 @@ class Controller:
             return
         now = self._clock()
         if entry.credential is None:
+            self.metrics.credential_failing(entry.key, ready=False)
             await self._write_status(entry, self._failure_status(entry, InvalidSpecError(entry.invalid or ""), now))
             return
         try:
@@ -476,6 +481,9 @@ class Controller:
                 f"access token issued by the {spec.grant.type.value} grant into Secret {secret_name}, "
                 f"expires {_stamp(token_set.expires_at) or 'at an unknown time'}",
             )
+        self.metrics.credential_ok(entry.key, token_set.expires_at.timestamp() if token_set.expires_at else None)
+        if renewed:
+            self.metrics.renewed()
         if renewed and self._on_renewed is not None:
             result = self._on_renewed(entry.key, token_set)
             if result is not None:
@@ -488,7 +496,11 @@ class Controller:
         return credential.spec.effective_backend(self.settings.default_store)
 
     def _store(self, credential: OAuthCredential) -> AsyncCredentialStore[StoredCredential]:
-        if self._backend(credential) == StoreBackend.REDIS:
+        backend = self._backend(credential)
+        return InstrumentedStore(self._raw_store(credential, backend), self.metrics, backend.value)
+
+    def _raw_store(self, credential: OAuthCredential, backend: StoreBackend) -> AsyncCredentialStore[StoredCredential]:
+        if backend == StoreBackend.REDIS:
             if self._redis_store_factory is None:
                 raise InvalidSpecError("store.backend is redis, but the operator has no Redis configured")
             return self._redis_store_factory(credential)
@@ -609,7 +621,9 @@ class Controller:
                     verify = ssl.create_default_context(cadata=ca)
                 except ssl.SSLError:
                     raise InvalidSpecError("issuer.caSecretRef: the CA bundle is not valid PEM") from None
-            client = self._ca_clients[cache_key] = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(timeout))
+            client = self._ca_clients[cache_key] = httpx.AsyncClient(
+                verify=verify, timeout=httpx.Timeout(timeout), event_hooks=self.metrics.http_hooks()
+            )
         return client
 
     async def _token_url(self, spec: CredentialSpec) -> str:
@@ -754,6 +768,8 @@ class Controller:
             f", retry at {_stamp(next_at)}" if next_at else ", waiting for a change",
         )
         status = self._failure_status(entry, exc, now, next_at)
+        self.metrics.renewal_failed(outcome.reason, getattr(exc, "error", None))
+        self.metrics.credential_failing(entry.key, ready=status["conditions"][0]["status"] == "True")
         try:
             await self._write_status(entry, status)
         except ApiError as api_exc:

@@ -118,6 +118,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     await controller.start()
     memo["controller"] = controller
+    if wiring.settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(
+            wiring.settings.metrics_port, addr=wiring.settings.metrics_address, registry=controller.metrics.registry
+        )
+        memo["metrics_server"] = server
     memo["scheduler"] = asyncio.get_running_loop().create_task(controller.run(), name="tokensync-scheduler")
     if wiring.on_controller is not None:
         wiring.on_controller(controller)
@@ -130,6 +137,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    server = memo.get("metrics_server")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
     controller: Controller | None = memo.get("controller")
     if controller is not None:
         await controller.close()

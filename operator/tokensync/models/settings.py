@@ -33,4 +33,6 @@ class OperatorSettings(BaseSettings):
     allow_insecure_http: bool = Field(
         default=False, description="Allow plain http:// token URLs on non-loopback hosts."
     )
+    metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
+    metrics_address: str = Field(default="0.0.0.0", description="Address the metrics endpoint binds to.")  # noqa: S104
     discovery_ttl: float = Field(default=3600.0, gt=0, description="How long an OIDC discovery document is cached.")
