@@ -278,7 +278,7 @@ def test_metrics_show_every_credentials_expiry_and_renewal_outcomes(cluster, kub
     expires = cluster.credential("api")["status"]["expiresAt"]
     expected = time.mktime(time.strptime(expires, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
     line = next(
-        l for l in text.splitlines() if l.startswith('tokensync_credential_expiry_timestamp_seconds{name="api"')
+        row for row in text.splitlines() if row.startswith('tokensync_credential_expiry_timestamp_seconds{name="api"')
     )
     assert abs(float(line.rsplit(" ", 1)[1]) - expected) < 1
     assert 'tokensync_credential_ready{name="api",namespace="default"} 1.0' in text

@@ -21,6 +21,7 @@ never collide in the process-global default registry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -87,10 +88,8 @@ class Metrics:
 
     def forget(self, key: Key) -> None:
         for gauge in (self.expiry, self.ready):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(*key)
-            except KeyError:
-                pass
 
     def http_hooks(self) -> dict[str, list[Callable[[Any], Any]]]:
         """httpx event hooks timing every request of an IdP client."""
