@@ -124,14 +124,9 @@ def renew_flow(
             new: TokenSet | None = yield step
         except InvalidGrantError as exc:
             if not provider.can_reauthenticate:
-                raise ReauthenticationRequired(
-                    f"the refresh token was rejected ({exc}); a new refresh token is required",
-                    error=exc.error,
-                    description=exc.description,
-                    status_code=exc.status_code,
-                ) from None
+                raise _reauthentication_required(exc) from None
             logger.info("refresh token rejected (%s); re-authenticating", exc.error)
-            yield Persist(current.model_copy(update={"refresh_token": None, "refresh_expires_at": None}))
+            yield Persist(_spent(current))
             new = None
         except ResponseLostError:
             if not provider.can_reauthenticate:
@@ -140,7 +135,7 @@ def renew_flow(
             # a reuse. Persist it as spent *before* the new grant, so a crash in
             # between does not bring it back from the store.
             logger.info("refresh response lost; not reusing the refresh token, re-authenticating")
-            yield Persist(current.model_copy(update={"refresh_token": None, "refresh_expires_at": None}))
+            yield Persist(_spent(current))
             new = None
         if new is not None:
             yield Persist(new)
@@ -150,16 +145,25 @@ def renew_flow(
         new = yield _post(provider, provider.grant_data(), token_url=token_url, kind="grant")
     except InvalidGrantError as exc:
         if not provider.can_reauthenticate:
-            raise ReauthenticationRequired(
-                f"the refresh token was rejected ({exc}); a new refresh token is required",
-                error=exc.error,
-                description=exc.description,
-                status_code=exc.status_code,
-            ) from None
+            raise _reauthentication_required(exc) from None
         raise
     assert new is not None
     yield Persist(new)
     return new
+
+
+def _spent(token_set: TokenSet) -> TokenSet:
+    """The same token set without its refresh token, which must not be presented again."""
+    return token_set.model_copy(update={"refresh_token": None, "refresh_expires_at": None})
+
+
+def _reauthentication_required(exc: InvalidGrantError) -> ReauthenticationRequired:
+    return ReauthenticationRequired(
+        f"the refresh token was rejected ({exc}); a new refresh token is required",
+        error=exc.error,
+        description=exc.description,
+        status_code=exc.status_code,
+    )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
