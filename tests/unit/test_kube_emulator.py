@@ -194,6 +194,7 @@ def test_no_status_endpoint_for_secrets(kube, core):
     )  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as exc_info:
         urllib.request.urlopen(request, timeout=10)
+    exc_info.value.close()
     assert exc_info.value.code == 404
 
 

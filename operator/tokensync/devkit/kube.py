@@ -770,8 +770,10 @@ def cluster_in_thread(**kwargs: Any) -> Iterator[RunningCluster]:
         try:
             loop.run_until_complete(main())
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
 
     thread = threading.Thread(target=target, name="kube-emulator", daemon=True)
     thread.start()
