@@ -156,3 +156,11 @@ async def run_operator(wiring: Any, *, liveness: str | None = None, stop: asynci
         liveness_endpoint=liveness,
         stop_flag=stop,
     )
+
+
+from tokensync.cli.cluster import refresh_command, status_command  # noqa: E402
+from tokensync.cli.token import token_command  # noqa: E402
+
+main.add_command(token_command)
+main.add_command(status_command)
+main.add_command(refresh_command)
