@@ -288,3 +288,24 @@ def test_metrics_show_every_credentials_expiry_and_renewal_outcomes(cluster, kub
     assert 'tokensync_token_endpoint_request_duration_seconds_count{status="2xx"}' in text
     assert 'tokensync_store_operations_total{backend="secret",operation="save",outcome="ok"}' in text
     assert "not-the-secret" not in text and idp.client_secret("cc-client") not in text
+
+
+def test_a_manual_refresh_that_fails_transiently_is_retried_until_it_renews(cluster, kube, make_idp):
+    idp = make_idp(fresh=True)
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        first = cluster.secret_data("api")["access_token"]
+        idp.stop()  # the identity provider goes down
+        spec = cluster.credential("api")["spec"]
+        cluster.apply_credential("api", spec, annotations={"tokensync.dev/refresh-requested-at": "r1"})
+        wait_until(lambda: (cluster.condition("api", "Reconciling") or {}).get("reason") == "IssuerUnavailable",
+                   what="retrying")  # fmt: skip
+        status = cluster.credential("api")["status"]
+        assert status.get("handledRefreshRequest") != "r1"
+        assert cluster.ready("api")  # the old token is still valid and still served
+        idp.start()
+        wait_until(lambda: cluster.credential("api")["status"].get("handledRefreshRequest") == "r1",
+                   timeout=30, what="request handled after recovery")  # fmt: skip
+        assert cluster.secret_data("api")["access_token"] != first

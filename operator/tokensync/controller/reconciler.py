@@ -321,7 +321,11 @@ class Controller:
         generation = meta.get("generation")
         generation_changed = not fresh and generation != entry.generation
         refresh_request = (meta.get("annotations") or {}).get(REFRESH_ANNOTATION)
-        requested = refresh_request is not None and refresh_request != entry.status.get("handledRefreshRequest")
+        # A request is new when its value was not seen before (or, at startup, not
+        # yet handled). Comparing with status on every event would re-trigger on
+        # our own status writes while a requested refresh is being retried.
+        seen = entry.status.get("handledRefreshRequest") if fresh else entry.refresh_request
+        requested = refresh_request is not None and refresh_request != seen
         if not (fresh or generation_changed or requested or meta.get("uid", "") != entry.uid):
             return
         entry.uid = meta.get("uid", "")
@@ -740,7 +744,11 @@ class Controller:
             "failedAttempts": entry.failed_attempts,
             "lastFailureTime": _stamp(now),
             "nextRefreshTime": _stamp(next_at),
-            "handledRefreshRequest": entry.refresh_request,
+            # A requested refresh that failed transiently is still owed: it is only
+            # handled when it succeeds, or fails in a way retrying cannot fix.
+            "handledRefreshRequest": entry.refresh_request
+            if outcome.permanent
+            else previous.get("handledRefreshRequest"),
         }
 
     async def _failed(self, entry: Entry, exc: Exception, now: datetime) -> None:
