@@ -75,8 +75,9 @@ class Totp:
         if self.seed is not None:
             try:
                 pyotp.TOTP(self.seed, digits=self.digits, interval=self.interval).now()
-            except Exception:  # binascii.Error, ValueError; never chain: no seed in tracebacks
-                raise ValueError("the TOTP seed is not valid base32") from None
+            except Exception as exc:  # binascii.Error, ValueError; never chained: no seed in tracebacks
+                reason = str(exc).replace(self.seed, "[redacted]") or type(exc).__name__
+                raise ValueError(f"the TOTP seed is not valid base32 ({reason})") from None
 
     @classmethod
     def parse(cls, value: str | Totp) -> Totp:

@@ -14,11 +14,9 @@ Exit codes, so scripts can tell "fix it" from "retry it": 0 success, 1 local
 failure (store, output file), 2 spec or usage error, 3 permanent OAuth error
 (wrong secret, rejected grant), 4 transient error (endpoint unreachable, 5xx).
 
-Duplication to move down a layer later: :func:`build_provider`,
-:func:`http_client_for`, :func:`check_urls` and :func:`normalise_value` mirror
-``Controller._provider``, ``_http_for``, ``_check_urls`` and the value clean-up in
-``_resolve`` (controller/reconciler.py), which are private to the controller and
-need a Controller instance; they are pure and belong in a shared module.
+The meaning of a spec (provider, URL policy, value clean-up) comes from
+:mod:`tokensync.auth.spec`, shared with the operator; only where the values come
+from differs.
 """
 
 from __future__ import annotations
@@ -35,10 +33,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from typing import Literal, NoReturn, TypeVar
 
 import click
 import httpx
@@ -49,24 +45,27 @@ from tokensync.auth import (
     AsyncTokenManager,
     AsyncTokenStore,
     AuthProvider,
-    ClientCredentialsAuth,
     ConfigurationError,
     InvalidClientError,
     InvalidGrantError,
     InvalidScopeError,
-    PasswordAuth,
     PermanentTokenError,
     ReauthenticationRequired,
-    RefreshTokenAuth,
-    Totp,
     TransientTokenError,
     UnauthorizedClientError,
 )
 from tokensync.auth.discovery import DiscoveryCache
+from tokensync.auth.spec import (
+    insecure_url_problem,
+    normalise_secret_value,
+    provider_from_spec,
+    spec_references,
+    ssl_context_for_ca,
+)
 from tokensync.controller.outcomes import InvalidSpecError
 from tokensync.controller.reconciler import FingerprintedStore, describe_validation_error, inputs_hash, spec_hash
 from tokensync.controller.schedule import backoff_delay, refresh_time
-from tokensync.models.credential import KIND, GrantSpec, GrantType, OAuthCredential, SecretKeyRef
+from tokensync.models.credential import KIND, GrantSpec, OAuthCredential, SecretKeyRef
 from tokensync.models.state import StoredCredential
 from tokensync.models.tokens import TokenSet, utcnow
 from tokensync.stores import AsyncCredentialStore, CredentialStore, FileStore, KeyringStore, StoreError
@@ -79,15 +78,12 @@ __all__ = [
     "CommandError",
     "Renewer",
     "SecretSources",
-    "build_provider",
-    "check_urls",
     "default_store_path",
     "env_name",
     "exit_with",
     "http_client_for",
     "human_delta",
     "load_credential",
-    "normalise_value",
     "parse_secret_flags",
     "render",
     "token_command",
@@ -170,23 +166,9 @@ def load_credential(source: str) -> OAuthCredential:
         ) from None
 
 
-def references(credential: OAuthCredential) -> dict[str, SecretKeyRef]:
-    """Every Secret key the credential needs, by spec path (as the operator resolves them)."""
-    refs = dict(credential.spec.grant.references())
-    if credential.spec.issuer.ca_secret_ref is not None:
-        refs["issuer.caSecretRef"] = credential.spec.issuer.ca_secret_ref
-    return refs
-
-
 def env_name(ref: SecretKeyRef) -> str:
     """``TOKENSYNC_SECRET_<NAME>_<KEY>``, upper-cased, anything not alphanumeric as ``_``."""
     return "TOKENSYNC_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", f"{ref.name}_{ref.key}").upper()
-
-
-def normalise_value(value: str) -> str:
-    """As the operator does: ``kubectl create secret --from-file`` and ``echo > file`` keep a
-    trailing newline that no server expects in a password or client secret; PEM keeps it."""
-    return value.rstrip("\r\n") if not value.lstrip().startswith("-----BEGIN") else value
 
 
 def parse_secret_flags(flags: tuple[str, ...]) -> dict[tuple[str, str], str]:
@@ -227,7 +209,7 @@ class SecretSources:
             if value is None:
                 missing.append((path, ref))
             else:
-                values[path] = normalise_value(value)
+                values[path] = normalise_secret_value(value)
         if missing:
             path, ref = missing[0]
             names = ", ".join(f"{p} (Secret {r.name}, key {r.key})" for p, r in missing)
@@ -255,60 +237,11 @@ class SecretSources:
 # -- mirrors of the controller's pure pieces (see the module docstring) ----------------------
 
 
-def build_provider(grant: GrantSpec, values: Mapping[str, str]) -> AuthProvider:
-    """The grant provider for a spec and its Secret values by spec path; mirrors ``Controller._provider``."""
+def _provider(grant: GrantSpec, values: Mapping[str, str]) -> AuthProvider:
     try:
-        common: dict[str, Any] = {
-            "method": grant.client_auth_method.value if grant.client_auth_method else None,
-            "private_key": values.get("grant.privateKeyRef"),
-            "signing_algorithm": grant.signing_algorithm or "RS256",
-            "key_id": grant.key_id,
-            "scopes": grant.scopes or (),
-            "audience": grant.audience,
-            "extra_params": grant.extra_params,
-        }
-        secret = values.get("grant.clientSecretRef")
-        match grant.type:
-            case GrantType.CLIENT_CREDENTIALS:
-                return ClientCredentialsAuth(grant.client_id, secret, **common)
-            case GrantType.PASSWORD:
-                totp_seed = values.get("grant.totpSecretRef")
-                return PasswordAuth(
-                    values["grant.usernameRef"],
-                    values["grant.passwordRef"],
-                    totp=Totp(seed=totp_seed.replace(" ", "")) if totp_seed else None,
-                    client_id=grant.client_id,
-                    client_secret=secret,
-                    **common,
-                )
-            case GrantType.REFRESH_TOKEN:
-                return RefreshTokenAuth(
-                    values["grant.refreshTokenRef"], client_id=grant.client_id, client_secret=secret, **common
-                )
+        return provider_from_spec(grant, values)
     except ValueError as exc:
-        raise InvalidSpecError(f"grant: {exc}") from None
-
-
-def check_urls(credential: OAuthCredential, *, allow_insecure_http: bool) -> None:
-    """Plain http only to loopback unless allowed: the client secret travels in that request."""
-    issuer = credential.spec.issuer
-    for path, url in (("issuer.tokenURL", issuer.token_url), ("issuer.issuerURL", issuer.issuer_url)):
-        if url is None:
-            continue
-        parts = urlsplit(url)
-        if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
-            raise InvalidSpecError(f"{path} uses plain http; use https (or pass --allow-insecure-http)")
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
+        raise InvalidSpecError(str(exc)) from None
 
 
 def http_client_for(credential: OAuthCredential, values: Mapping[str, str]) -> httpx.AsyncClient:
@@ -317,9 +250,9 @@ def http_client_for(credential: OAuthCredential, values: Mapping[str, str]) -> h
     ca = values.get("issuer.caSecretRef")
     if ca is not None:
         try:
-            verify = ssl.create_default_context(cadata=ca)
-        except ssl.SSLError:
-            raise InvalidSpecError("issuer.caSecretRef: the CA bundle is not valid PEM") from None
+            verify = ssl_context_for_ca(ca)
+        except ValueError as exc:
+            raise InvalidSpecError(str(exc)) from None
     return httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(credential.spec.issuer.effective_timeout()))
 
 
@@ -379,7 +312,7 @@ class Renewer:
         self._store_kind = store
         self._store_path = store_path or default_store_path(credential)
         self._allow_insecure_http = allow_insecure_http
-        self._refs = references(credential)
+        self._refs = spec_references(credential.spec)
         self._spec_fp = spec_hash(credential.spec)
         self._identity = f"{credential.metadata.namespace}/{credential.metadata.name}"
         self._discovery = DiscoveryCache()
@@ -395,7 +328,9 @@ class Renewer:
 
     async def current(self) -> TokenSet:
         """The held token if it is not due by the operator's rule, else a renewed one."""
-        check_urls(self.credential, allow_insecure_http=self._allow_insecure_http)
+        problem = insecure_url_problem(self.credential.spec.issuer, allow_insecure_http=self._allow_insecure_http)
+        if problem is not None:
+            raise InvalidSpecError(problem.replace("allow insecure http explicitly", "pass --allow-insecure-http"))
         values = self._sources.resolve(self._refs)
         http = await self._client(values)
         token_url = await self._token_url(http)
@@ -437,7 +372,7 @@ class Renewer:
             grant = self.credential.spec.grant
             self._store = self._make_store(inputs_fp, token_url, grant.client_id)
             self._manager = AsyncTokenManager(
-                build_provider(grant, values),
+                _provider(grant, values),
                 http=http,
                 token_url=token_url,
                 store=self._store,

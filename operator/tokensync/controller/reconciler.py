@@ -32,27 +32,26 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
 
-from tokensync.auth import (
-    AsyncTokenManager,
-    AuthProvider,
-    ClientCredentialsAuth,
-    PasswordAuth,
-    RefreshTokenAuth,
-    Totp,
-)
+from tokensync.auth import AsyncTokenManager, AuthProvider
 from tokensync.auth.discovery import DiscoveryCache
+from tokensync.auth.spec import (
+    insecure_url_problem,
+    normalise_secret_value,
+    provider_from_spec,
+    spec_references,
+    ssl_context_for_ca,
+)
 from tokensync.controller.kube import KubeClient
 from tokensync.controller.metrics import InstrumentedStore, Metrics
 from tokensync.controller.outcomes import (
@@ -77,7 +76,6 @@ from tokensync.controller.secrets import (
 from tokensync.models.credential import (
     CredentialSpec,
     DeletionPolicy,
-    GrantType,
     OAuthCredential,
     StoreBackend,
 )
@@ -520,19 +518,14 @@ class Controller:
         )
 
     def _check_urls(self, spec: CredentialSpec) -> None:
-        for path, url in (("issuer.tokenURL", spec.issuer.token_url), ("issuer.issuerURL", spec.issuer.issuer_url)):
-            if url is None:
-                continue
-            parts = urlsplit(url)
-            if parts.scheme == "http" and not self.settings.allow_insecure_http and not _is_loopback(parts.hostname):
-                raise InvalidSpecError(f"{path} uses plain http; use https (or allow insecure http in the operator)")
+        problem = insecure_url_problem(spec.issuer, allow_insecure_http=self.settings.allow_insecure_http)
+        if problem is not None:
+            raise InvalidSpecError(problem)
 
     async def _resolve(self, credential: OAuthCredential) -> dict[str, str]:
         """The values of every referenced Secret key, by spec path. Read fresh each time."""
         namespace = credential.metadata.namespace
-        refs = dict(credential.spec.grant.references())
-        if credential.spec.issuer.ca_secret_ref is not None:
-            refs["issuer.caSecretRef"] = credential.spec.issuer.ca_secret_ref
+        refs = spec_references(credential.spec)
         bodies: dict[str, dict[str, Any] | None] = {}
         values: dict[str, str] = {}
         for path, ref in refs.items():
@@ -548,43 +541,14 @@ class Controller:
                 value = base64.b64decode(encoded, validate=True).decode()
             except (binascii.Error, ValueError, UnicodeDecodeError):
                 raise InvalidSpecError(f"{path}: Secret {ref.name} key {ref.key} is not UTF-8 text") from None
-            # `kubectl create secret --from-file` keeps a trailing newline that no
-            # server expects in a password or client secret; PEM keys tolerate both.
-            values[path] = value.rstrip("\r\n") if not value.lstrip().startswith("-----BEGIN") else value
+            values[path] = normalise_secret_value(value)
         return values
 
     def _provider(self, credential: OAuthCredential, values: dict[str, str]) -> AuthProvider:
-        grant = credential.spec.grant
         try:
-            common: dict[str, Any] = {
-                "method": grant.client_auth_method.value if grant.client_auth_method else None,
-                "private_key": values.get("grant.privateKeyRef"),
-                "signing_algorithm": grant.signing_algorithm or "RS256",
-                "key_id": grant.key_id,
-                "scopes": grant.scopes or (),
-                "audience": grant.audience,
-                "extra_params": grant.extra_params,
-            }
-            secret = values.get("grant.clientSecretRef")
-            match grant.type:
-                case GrantType.CLIENT_CREDENTIALS:
-                    return ClientCredentialsAuth(grant.client_id, secret, **common)
-                case GrantType.PASSWORD:
-                    totp_seed = values.get("grant.totpSecretRef")
-                    return PasswordAuth(
-                        values["grant.usernameRef"],
-                        values["grant.passwordRef"],
-                        totp=Totp(seed=totp_seed.replace(" ", "")) if totp_seed else None,
-                        client_id=grant.client_id,
-                        client_secret=secret,
-                        **common,
-                    )
-                case GrantType.REFRESH_TOKEN:
-                    return RefreshTokenAuth(
-                        values["grant.refreshTokenRef"], client_id=grant.client_id, client_secret=secret, **common
-                    )
+            return provider_from_spec(credential.spec.grant, values)
         except ValueError as exc:
-            raise InvalidSpecError(f"grant: {exc}") from None
+            raise InvalidSpecError(str(exc)) from None
 
     def _manager(
         self,
@@ -614,17 +578,15 @@ class Controller:
         timeout = credential.spec.issuer.effective_timeout()
         if ca is None and timeout == 10.0:
             return self._http
-        import ssl
-
         cache_key = hashlib.sha256(f"{timeout}\0{ca or ''}".encode()).hexdigest()
         client = self._ca_clients.get(cache_key)
         if client is None:
             verify: ssl.SSLContext | bool = True
             if ca is not None:
                 try:
-                    verify = ssl.create_default_context(cadata=ca)
-                except ssl.SSLError:
-                    raise InvalidSpecError("issuer.caSecretRef: the CA bundle is not valid PEM") from None
+                    verify = ssl_context_for_ca(ca)
+                except ValueError as exc:
+                    raise InvalidSpecError(str(exc)) from None
             client = self._ca_clients[cache_key] = httpx.AsyncClient(
                 verify=verify, timeout=httpx.Timeout(timeout), event_hooks=self.metrics.http_hooks()
             )
@@ -824,14 +786,3 @@ class Controller:
             await self.kube.create_event(credential.metadata.namespace, body)
         except ApiError as exc:
             logger.debug("cannot post an event: %s", exc)
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
