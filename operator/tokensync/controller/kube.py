@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import httpx
 
+from tokensync import __version__
 from tokensync.models.credential import GROUP, PLURAL, VERSION
 from tokensync.stores.kubernetes import ApiConflictError, ApiError, ApiNotFoundError
 
@@ -38,6 +39,7 @@ __all__ = ["KubeClient", "bearer_header", "load_configuration"]
 logger = logging.getLogger("tokensync.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = f"tokensync/{__version__}"  # API server audit logs tell tokensync's calls from kopf's
 
 
 def bearer_header(configuration: Any) -> str | None:
@@ -106,13 +108,14 @@ class KubeClient:
             verify=verify,
             timeout=httpx.Timeout(30.0, connect=10.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            headers={"User-Agent": USER_AGENT},
         )
         return cls(http)
 
     @classmethod
     def for_url(cls, url: str, *, token: str | None = None) -> KubeClient:
         """For emulators and tests: a plain URL, optionally a bearer token."""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"User-Agent": USER_AGENT, **({"Authorization": f"Bearer {token}"} if token else {})}
         return cls(httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, connect=10.0)))
 
     async def close(self) -> None:
