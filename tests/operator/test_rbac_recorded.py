@@ -19,9 +19,9 @@ import attrs
 import kubernetes.client
 import pytest
 import yaml
+
 from support.kube import PROJECT_CRDS
 from support.operator import Cluster, running_operator, wait_until
-
 from tokensync.devkit.kube import ClusterEmulator, cluster_in_thread, read_crds
 
 CLUSTERROLE = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "clusterrole.yaml"
@@ -78,30 +78,32 @@ def granted() -> set[tuple[str, str, str]]:
 
 def test_the_cluster_role_grants_exactly_what_the_operator_uses(idp):
     emulator = RecordingEmulator()
-    with cluster_in_thread(crds=read_crds(PROJECT_CRDS), emulator=emulator) as kube:
-        with kubernetes.client.ApiClient(kube.kube_configuration()) as api:
-            cluster = Cluster(api)
-            cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
-            spec = {
-                "issuer": {"tokenURL": idp.token_url},
-                "grant": {"type": "client_credentials", "clientID": "cc-client",
-                          "clientSecretRef": {"name": "cc", "key": "secret"}},
-            }  # fmt: skip
-            with running_operator(kube.url):
-                cluster.apply_credential("api", spec)  # issue: create Secrets, patch status, Event
-                wait_until(lambda: cluster.ready("api"), what="Ready")
-                cluster.core.delete_namespaced_secret("api", "default")  # repair: create again
-                wait_until(lambda: cluster.secret("api"), what="repaired")
-                cluster.apply_credential("api", spec, annotations={"tokensync.dev/refresh-requested-at": "1"})
-                wait_until(lambda: cluster.credential("api")["status"].get("handledRefreshRequest") == "1",
-                           what="refreshed")  # update the Secrets  # fmt: skip
-                cluster.apply_credential("api", {**spec, "target": {"type": "example.com/token"}})  # delete+create
-                wait_until(lambda: (cluster.secret("api") or {}).get("type") == "example.com/token", what="type")
-                cluster.apply_credential("api", {**spec, "target": {"secretName": "renamed"}})  # delete the old
-                wait_until(lambda: cluster.secret("renamed") and cluster.secret("api") is None, what="renamed")
-                cluster.apply_credential("bad", {**spec, "grant": {**spec["grant"], "clientID": "nobody"}})
-                wait_until(lambda: (cluster.condition("bad") or {}).get("reason") == "InvalidClient", what="bad")
-                cluster.delete_credential("api")
+    with (
+        cluster_in_thread(crds=read_crds(PROJECT_CRDS), emulator=emulator) as kube,
+        kubernetes.client.ApiClient(kube.kube_configuration()) as api,
+    ):
+        cluster = Cluster(api)
+        cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+        spec = {
+            "issuer": {"tokenURL": idp.token_url},
+            "grant": {"type": "client_credentials", "clientID": "cc-client",
+                      "clientSecretRef": {"name": "cc", "key": "secret"}},
+        }  # fmt: skip
+        with running_operator(kube.url):
+            cluster.apply_credential("api", spec)  # issue: create Secrets, patch status, Event
+            wait_until(lambda: cluster.ready("api"), what="Ready")
+            cluster.core.delete_namespaced_secret("api", "default")  # repair: create again
+            wait_until(lambda: cluster.secret("api"), what="repaired")
+            cluster.apply_credential("api", spec, annotations={"tokensync.dev/refresh-requested-at": "1"})
+            wait_until(lambda: cluster.credential("api")["status"].get("handledRefreshRequest") == "1",
+                       what="refreshed")  # update the Secrets  # fmt: skip
+            cluster.apply_credential("api", {**spec, "target": {"type": "example.com/token"}})  # delete+create
+            wait_until(lambda: (cluster.secret("api") or {}).get("type") == "example.com/token", what="type")
+            cluster.apply_credential("api", {**spec, "target": {"secretName": "renamed"}})  # delete the old
+            wait_until(lambda: cluster.secret("renamed") and cluster.secret("api") is None, what="renamed")
+            cluster.apply_credential("bad", {**spec, "grant": {**spec["grant"], "clientID": "nobody"}})
+            wait_until(lambda: (cluster.condition("bad") or {}).get("reason") == "InvalidClient", what="bad")
+            cluster.delete_credential("api")
     used = {rbac for _, method, url in emulator.recorded if (rbac := rbac_of(method, url)) is not None}
     assert {agent for agent, _, _ in emulator.recorded} == {"kopf", "tokensync"}
     missing = used - granted()
@@ -119,7 +121,7 @@ def test_the_cluster_role_grants_exactly_what_the_operator_uses(idp):
             "PATCH",
             "/apis/tokensync.dev/v1alpha1/namespaces/n/oauthcredentials/a/status",
             ("tokensync.dev", "oauthcredentials/status", "patch"),
-        ),  # fmt: skip
+        ),
         (
             "GET",
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
