@@ -1,8 +1,9 @@
 """Unmodified kopf against the API emulator: a tiny throwaway operator, run by KopfRunner.
 
 If kopf works here, the emulator speaks enough Kubernetes for tokensync's operator: discovery,
-CRD watching, list+watch with resourceVersions, merge- & JSON-patches with resourceVersion
-tests, the status subresource, finalizers, deletion, and Event posting.
+CRD watching, namespace watching (for --namespace), list+watch with resourceVersions, merge- &
+JSON-patches with resourceVersion tests, the status subresource, finalizers, deletion, and Event
+posting.
 """
 
 from __future__ import annotations
@@ -124,3 +125,38 @@ def test_kopf_serves_a_crd_added_while_it_runs(kube, kube_api):
             return obj.get("status", {}).get("greet")
 
         assert wait_for(greeted, timeout=20) == {"message": "hello world"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("demo_exists", [True, False], ids=["demo-exists", "demo-created-later"])
+def test_kopf_serves_only_its_namespaces(kube, kube_api, demo_exists):
+    # `kopf run --namespace demo` with scanning on (the default): kopf lists & watches namespaces
+    # to learn which of its patterns exist, and watches the resources in those only.
+    kube.call(kube.emulator.add_crd(KOPFEXAMPLES_CRD))
+    custom, core = CustomObjectsApi(kube_api), CoreV1Api(kube_api)
+    settings = kopf_settings(PREFIX)
+    assert not settings.scanning.disabled
+    core.create_namespace({"metadata": {"name": "other"}})
+    if demo_exists:
+        core.create_namespace({"metadata": {"name": "demo"}})
+
+    with kopf_running(make_operator(kube, []), settings, args=("--namespace", "demo", "--verbose")) as runner:
+        custom.create_namespaced_custom_object(GROUP, VERSION, "other", PLURAL, example("ignored"))
+        if not demo_exists:  # only the namespace watch tells kopf about it
+            core.create_namespace({"metadata": {"name": "demo"}})
+        custom.create_namespaced_custom_object(GROUP, VERSION, "demo", PLURAL, example("served"))
+
+        def greeted():
+            return custom.get_namespaced_custom_object(GROUP, VERSION, "demo", PLURAL, "served").get("status")
+
+        assert wait_for(greeted, timeout=20) == {"greet": {"message": "hello world"}}
+
+    assert runner.exception is None
+    ignored = custom.get_namespaced_custom_object(GROUP, VERSION, "other", PLURAL, "ignored")
+    assert "status" not in ignored
+    assert not {"finalizers", "annotations"} & set(ignored["metadata"])
+    kopfs = [r for r in kube.emulator if r.headers.get("User-Agent", "").startswith("kopf/") and r.resource]
+    assert {r.namespace for r in kopfs if r.resource.plural == PLURAL} == {"demo"}  # never `other`
+    assert {r.action.value for r in kopfs if r.resource.plural == "namespaces"} == {"LIST", "WATCH"}
+    errors = [line for line in runner.output.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert not errors

@@ -515,6 +515,81 @@ def test_watch_bookmarks_and_initial_events_end(kube, core):
     assert 2 <= len(events[2:]) <= 4
 
 
+# Namespaces are cluster-scoped, yet /api/v1/namespaces looks like a namespace scope to kmock:
+# the emulator rewrites the path, and must keep the query (watch, selectors, versions) while at it.
+# kopf's namespace observer lists and watches them when serving some namespaces, not all.
+
+
+def test_watch_of_namespaces_streams_events_with_resource_versions(core):
+    listed = core.list_namespace()
+    events = []
+    started = threading.Event()
+
+    def watch():
+        watcher = kubernetes.watch.Watch()
+        started.set()
+        for event in watcher.stream(
+            core.list_namespace, resource_version=listed.metadata.resource_version, timeout_seconds=10
+        ):
+            events.append((event["type"], event["object"].kind, event["object"].metadata.name, rv(event["object"])))
+            if event["type"] == "DELETED":
+                watcher.stop()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    started.wait()
+    written = [
+        rv(core.create_namespace({"metadata": {"name": "demo"}})),
+        rv(core.patch_namespace("demo", {"metadata": {"labels": {"team": "a"}}})),
+    ]
+    core.delete_namespace("demo")
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert events[:2] == [("ADDED", "Namespace", "demo", written[0]), ("MODIFIED", "Namespace", "demo", written[1])]
+    assert events[2][:3] == ("DELETED", "Namespace", "demo")
+    assert events[2][3] > written[1] and events[2][3] == int(core.list_namespace().metadata.resource_version)
+
+
+def test_watch_of_namespaces_starts_with_the_existing_ones_and_sends_bookmarks(kube, core):
+    core.create_namespace({"metadata": {"name": "demo"}})
+    kube.emulator.bookmark_interval = 0.3
+    path = "/api/v1/namespaces?watch=true&allowWatchBookmarks=true&timeoutSeconds=1"
+    events = list(stream_json(kube, path))
+
+    added = {e["object"]["metadata"]["name"]: e["object"] for e in events if e["type"] == "ADDED"}
+    assert [e["type"] for e in events[:2]] == ["ADDED", "ADDED"]  # no list in between: a watch stream
+    assert set(added) == {"default", "demo"}
+    assert {(o["kind"], o["status"]["phase"]) for o in added.values()} == {("Namespace", "Active")}
+    assert all(o["metadata"]["resourceVersion"].isdigit() for o in added.values())
+    assert {e["type"] for e in events[2:]} == {"BOOKMARK"}
+    assert events[-1]["object"]["kind"] == "Namespace"
+
+    since = added["default"]["metadata"]["resourceVersion"]  # demo was created after it
+    replayed = stream_json(kube, f"/api/v1/namespaces?watch=true&resourceVersion={since}&timeoutSeconds=0.2")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in replayed] == [("ADDED", "demo")]
+
+
+def test_selectors_on_namespaces(kube, core):
+    core.create_namespace({"metadata": {"name": "demo", "labels": {"team": "a"}}})
+    core.create_namespace({"metadata": {"name": "other"}})
+
+    assert [n.metadata.name for n in core.list_namespace(field_selector="metadata.name=demo").items] == ["demo"]
+    assert [n.metadata.name for n in core.list_namespace(label_selector="team=a").items] == ["demo"]
+    assert [n.metadata.name for n in core.list_namespace(label_selector="team!=a").items] == ["default", "other"]
+
+    since = core.list_namespace().metadata.resource_version
+    core.patch_namespace("other", {"metadata": {"labels": {"team": "b"}}})
+    core.patch_namespace("demo", {"metadata": {"labels": {"team": "c"}}})
+    core.delete_namespace("demo")
+    expected = {
+        "fieldSelector=metadata.name%3Ddemo": [("MODIFIED", "demo"), ("DELETED", "demo")],  # `kubectl get ns demo -w`
+        "labelSelector=team": [("ADDED", "other"), ("MODIFIED", "demo"), ("DELETED", "demo")],  # other got the label
+    }
+    for query, events in expected.items():
+        path = f"/api/v1/namespaces?watch=true&{query}&resourceVersion={since}&timeoutSeconds=0.2"
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in stream_json(kube, path)] == events
+
+
 # -- Discovery, CRDs, and clients --------------------------------------------------------------
 
 

@@ -199,9 +199,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if (match := _NAMESPACES_PATH.match(raw_request.path)) is not None:  # see _NAMESPACES_PATH
             # An equivalent path: the scope `_` (never a namespace name) is ignored, as for any
-            # cluster-scoped resource. Recorded requests show this path & scope, though.
-            rel_url = raw_request.rel_url.with_path(f"/api/v1/namespaces/_/namespaces{match['rest'] or ''}")
-            raw_request = raw_request.clone(rel_url=rel_url)
+            # cluster-scoped resource. Recorded requests show this path & scope, though. The query
+            # (watch, selectors, resourceVersion...) is kept: with_path() alone drops it.
+            url = raw_request.rel_url
+            path = f"/api/v1/namespaces/_/namespaces{match['rest'] or ''}"
+            raw_request = raw_request.clone(rel_url=url.with_path(path).with_query(url.query))
         return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
