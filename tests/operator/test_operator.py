@@ -309,3 +309,16 @@ def test_a_manual_refresh_that_fails_transiently_is_retried_until_it_renews(clus
         wait_until(lambda: cluster.credential("api")["status"].get("handledRefreshRequest") == "r1",
                    timeout=30, what="request handled after recovery")  # fmt: skip
         assert cluster.secret_data("api")["access_token"] != first
+
+
+def test_url_policy_refuses_token_urls_outside_the_allowed_prefixes(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    settings = OperatorSettings(allowed_url_prefixes=[idp.url + "/o/"], metrics_port=0)
+    internal = idp.token_url.replace("127.0.0.1", "127.0.0.2")  # an address nobody allowed
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("ok", cc_spec(idp))
+        cluster.apply_credential("ssrf", {**cc_spec(idp), "issuer": {"tokenURL": internal}})
+        wait_until(lambda: cluster.ready("ok"), what="allowed URL Ready")
+        condition = wait_until(lambda: (c := cluster.condition("ssrf")) and c["reason"] == "InvalidSpec" and c,
+                               what="refused")  # fmt: skip
+    assert f"issuer.tokenURL {internal} is not allowed by the operator's URL policy" in condition["message"]

@@ -82,3 +82,18 @@ def test_value_clean_up_and_ca_bundle_errors():
     assert normalise_secret_value(pem) == pem
     with pytest.raises(ValueError, match=r"issuer\.caSecretRef: the CA bundle is not valid PEM"):
         ssl_context_for_ca("not a certificate")
+
+
+def test_url_policy_matches_prefixes_at_path_boundaries_only():
+    from tokensync.auth.spec import policy_problem, url_allowed
+
+    prefixes = ["https://idp.example.com", "https://login.corp/realms/a/"]
+    assert url_allowed("https://IDP.example.com/oauth2/token", prefixes)
+    assert url_allowed("https://login.corp/realms/a/protocol/token", prefixes)
+    assert not url_allowed("https://idp.example.com.evil.io/token", prefixes)
+    assert not url_allowed("https://login.corp/realms/ab/token", prefixes)
+    assert not url_allowed("http://idp.example.com/token", prefixes)
+    assert not url_allowed("https://10.0.0.1/token", prefixes)
+    assert url_allowed("https://anything/at/all", [])
+    problem = policy_problem("issuer.tokenURL", "https://10.0.0.1/token", prefixes)
+    assert problem is not None and problem.startswith("issuer.tokenURL https://10.0.0.1/token is not allowed")

@@ -1,6 +1,7 @@
 """Pure rules of the controller: target Secret shape, ownership, conditions, error reasons."""
 
 import base64
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -193,3 +194,23 @@ async def test_the_operator_client_sends_the_configurations_token():
     await client.list_secrets("ns", label_selector="x")
     await client.close()
     assert seen == ["Bearer test-secret-sa-token"]
+
+
+async def test_a_discovered_token_endpoint_must_pass_the_url_policy_too():
+    import httpx
+
+    from tokensync.controller import Controller, KubeClient
+    from tokensync.controller.outcomes import InvalidSpecError
+    from tokensync.models.settings import OperatorSettings
+
+    def issuer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"token_endpoint": "https://169.254.169.254/latest/token"})
+
+    settings = OperatorSettings(allowed_url_prefixes=["https://idp.example"])
+    http = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
+    controller = Controller(kube=KubeClient.for_url("http://127.0.0.1:1"), settings=settings, http=http)
+    cred = credential(issuer={"issuerURL": "https://idp.example"})
+    with pytest.raises(InvalidSpecError, match=re.escape("the discovered token_endpoint https://169.254.169.254/latest/token")):
+        await controller._token_url(cred)
+    await http.aclose()
+    await controller.kube.close()

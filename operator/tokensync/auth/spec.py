@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,9 +22,11 @@ __all__ = [
     "insecure_url_problem",
     "is_loopback",
     "normalise_secret_value",
+    "policy_problem",
     "provider_from_spec",
     "spec_references",
     "ssl_context_for_ca",
+    "url_allowed",
 ]
 
 
@@ -101,6 +103,34 @@ def insecure_url_problem(issuer: IssuerSpec, *, allow_insecure_http: bool) -> st
         if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
             return f"{path} uses plain http; use https (or allow insecure http explicitly)"
     return None
+
+
+def url_allowed(url: str, prefixes: Sequence[str]) -> bool:
+    """Whether ``url`` starts with one of ``prefixes`` (an empty list allows everything).
+
+    Compared after normalising scheme and host case, and only at a path boundary, so
+    that ``https://idp.example.com`` does not admit ``https://idp.example.com.evil.io``.
+    """
+    if not prefixes:
+        return True
+    candidate = _normalised(url)
+    for prefix in prefixes:
+        base = _normalised(prefix)
+        if candidate == base or candidate.startswith(base if base.endswith("/") else base + "/"):
+            return True
+    return False
+
+
+def _normalised(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}"
+
+
+def policy_problem(path: str, url: str, prefixes: Sequence[str]) -> str | None:
+    """Why the operator's URL policy refuses ``url`` (named by its spec path), or None."""
+    if url_allowed(url, prefixes):
+        return None
+    return f"{path} {url} is not allowed by the operator's URL policy (allowed prefixes: {', '.join(prefixes)})"
 
 
 def ssl_context_for_ca(ca_pem: str) -> ssl.SSLContext:

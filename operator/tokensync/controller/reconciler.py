@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -47,7 +48,9 @@ from tokensync.auth import AsyncTokenManager, AuthProvider
 from tokensync.auth.discovery import DiscoveryCache
 from tokensync.auth.spec import (
     insecure_url_problem,
+    is_loopback,
     normalise_secret_value,
+    policy_problem,
     provider_from_spec,
     spec_references,
     ssl_context_for_ca,
@@ -437,7 +440,7 @@ class Controller:
 
     async def _reconcile(self, entry: Entry, credential: OAuthCredential, now: datetime) -> None:
         spec = credential.spec
-        self._check_urls(spec)
+        self._check_urls(credential)
         store = entry.store = entry.store or self._store(credential)
         spec_fp = spec_hash(spec)
         stored = await store.load()
@@ -461,7 +464,8 @@ class Controller:
             changed_inputs = stored is None or stored.inputs_hash != inputs_fp
             entry.inputs_dirty = False
             if due or forced or changed_inputs:
-                manager = self._manager(entry, credential, values, spec_fp, inputs_fp, await self._token_url(spec))
+                token_url = await self._token_url(credential)
+                manager = self._manager(entry, credential, values, spec_fp, inputs_fp, token_url)
                 self.token_requests += 1
                 token_set = await (manager.token() if changed_inputs else manager.force_refresh())
                 renewed = True
@@ -517,8 +521,13 @@ class Controller:
             owner_references=[owner_reference(credential)],
         )
 
-    def _check_urls(self, spec: CredentialSpec) -> None:
-        problem = insecure_url_problem(spec.issuer, allow_insecure_http=self.settings.allow_insecure_http)
+    def _check_urls(self, credential: OAuthCredential) -> None:
+        issuer = credential.spec.issuer
+        problem = insecure_url_problem(issuer, allow_insecure_http=self.settings.allow_insecure_http)
+        prefixes = self.settings.url_prefixes_for(credential.metadata.namespace)
+        for path, url in (("issuer.tokenURL", issuer.token_url), ("issuer.issuerURL", issuer.issuer_url)):
+            if problem is None and url is not None:
+                problem = policy_problem(path, url, prefixes)
         if problem is not None:
             raise InvalidSpecError(problem)
 
@@ -592,11 +601,24 @@ class Controller:
             )
         return client
 
-    async def _token_url(self, spec: CredentialSpec) -> str:
-        if spec.issuer.token_url is not None:
-            return spec.issuer.token_url
-        assert spec.issuer.issuer_url is not None
-        return await self._discovery.token_endpoint(self._http, spec.issuer.issuer_url)
+    async def _token_url(self, credential: OAuthCredential) -> str:
+        issuer = credential.spec.issuer
+        if issuer.token_url is not None:
+            return issuer.token_url
+        assert issuer.issuer_url is not None
+        endpoint = await self._discovery.token_endpoint(self._http, issuer.issuer_url)
+        # A discovery document is the issuer's word, not the operator's: the endpoint
+        # it names must pass the same policy, or an issuer could point the operator
+        # (and the client secret) at an internal address.
+        prefixes = self.settings.url_prefixes_for(credential.metadata.namespace)
+        problem = policy_problem("the discovered token_endpoint", endpoint, prefixes)
+        parts = urlsplit(endpoint)
+        plain = parts.scheme == "http" and not self.settings.allow_insecure_http and not is_loopback(parts.hostname)
+        if problem is None and plain:
+            problem = "the discovered token_endpoint uses plain http"
+        if problem is not None:
+            raise InvalidSpecError(problem)
+        return endpoint
 
     async def _publish(self, entry: Entry, credential: OAuthCredential, token_set: TokenSet) -> str:
         """Create or update the target Secret; returns its name. Never touches a foreign Secret."""

@@ -33,6 +33,18 @@ class OperatorSettings(BaseSettings):
     allow_insecure_http: bool = Field(
         default=False, description="Allow plain http:// token URLs on non-loopback hosts."
     )
+    allowed_url_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Token and issuer URLs must start with one of these (empty: any). Guards against the "
+        "operator being used as an SSRF proxy into the cluster network.",
+    )
+    namespace_url_prefixes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per-namespace allowed URL prefixes (JSON), replacing allowed_url_prefixes there.",
+    )
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
     metrics_address: str = Field(default="0.0.0.0", description="Address the metrics endpoint binds to.")  # noqa: S104
     discovery_ttl: float = Field(default=3600.0, gt=0, description="How long an OIDC discovery document is cached.")
+
+    def url_prefixes_for(self, namespace: str) -> list[str]:
+        return self.namespace_url_prefixes.get(namespace, self.allowed_url_prefixes)
