@@ -322,3 +322,30 @@ def test_url_policy_refuses_token_urls_outside_the_allowed_prefixes(cluster, kub
         condition = wait_until(lambda: (c := cluster.condition("ssrf")) and c["reason"] == "InvalidSpec" and c,
                                what="refused")  # fmt: skip
     assert f"issuer.tokenURL {internal} is not allowed by the operator's URL policy" in condition["message"]
+
+
+def test_encrypted_redis_store_holds_no_readable_token_and_needs_the_key(cluster, kube, make_idp, redis_url):
+    import base64
+    import os
+
+    idp = make_idp(fresh=True)
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    key = base64.b64encode(os.urandom(32)).decode()
+    settings = OperatorSettings(redis_url=redis_url, redis_encryption_key=key, metrics_port=0, backoff_initial=0.5)
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("api", cc_spec(idp, store={"backend": "redis"}))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+    token = cluster.secret_data("api")["access_token"]
+    raw = redis.Redis.from_url(redis_url).get("tokensync:default/api")
+    assert raw.startswith(b"tsenc1:")
+    assert token.encode() not in raw and b"access_token" not in raw
+    idp.reset_counters()
+    with running_operator(kube.url, settings=settings) as operator:  # same key: the stored set is used
+        wait_until(lambda: ("default", "api") in operator.controller.entries, what="seen")
+        operator.call(operator.controller.scheduler.wait_idle())
+    assert idp.token_request_count() == 0
+    other = settings.model_copy(update={"redis_encryption_key": OperatorSettings(
+        redis_encryption_key=base64.b64encode(os.urandom(32)).decode()).redis_encryption_key})  # fmt: skip
+    with running_operator(kube.url, settings=other) as operator:  # wrong key: unreadable, so a new grant
+        wait_until(lambda: idp.token_request_count() == 1, what="re-grant")
+        wait_until(lambda: cluster.secret_data("api")["access_token"] != token, what="new token published")

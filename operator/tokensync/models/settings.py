@@ -8,7 +8,10 @@ allowed. pydantic-settings reads them (and ``*_FILE`` style secrets through
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import base64
+import binascii
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokensync.models.credential import StoreBackend
@@ -17,13 +20,19 @@ __all__ = ["OperatorSettings"]
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOKENSYNC_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a validation error must not quote a Redis URL, password or key.
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENSYNC_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
+    )
 
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch; empty means the whole cluster."
     )
     default_store: StoreBackend = Field(default=StoreBackend.SECRET, description="Store for CRs that name none.")
     redis_url: SecretStr | None = Field(default=None, description="redis:// or rediss:// URL of the Redis store.")
+    redis_encryption_key: SecretStr | None = Field(
+        default=None, description="base64 of 32 random bytes: seal Redis payloads with AES-256-GCM."
+    )
     redis_key_prefix: str = Field(default="tokensync:", description="Prefix of every Redis key.")
     concurrency: int = Field(default=32, ge=1, le=1024, description="Credentials renewed at the same time.")
     expiry_skew: float = Field(default=5.0, ge=0, description="Seconds before expiry a token counts as expired.")
@@ -45,6 +54,19 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
     metrics_address: str = Field(default="0.0.0.0", description="Address the metrics endpoint binds to.")  # noqa: S104
     discovery_ttl: float = Field(default=3600.0, gt=0, description="How long an OIDC discovery document is cached.")
+
+    @field_validator("redis_encryption_key")
+    @classmethod
+    def _key_is_32_bytes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        try:
+            key = base64.b64decode(value.get_secret_value(), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise ValueError("must be base64 of 32 random bytes (e.g. `openssl rand -base64 32`)")
+        return value
 
     def url_prefixes_for(self, namespace: str) -> list[str]:
         return self.namespace_url_prefixes.get(namespace, self.allowed_url_prefixes)
