@@ -349,3 +349,19 @@ def test_encrypted_redis_store_holds_no_readable_token_and_needs_the_key(cluster
     with running_operator(kube.url, settings=other) as operator:  # wrong key: unreadable, so a new grant
         wait_until(lambda: idp.token_request_count() == 1, what="re-grant")
         wait_until(lambda: cluster.secret_data("api")["access_token"] != token, what="new token published")
+
+
+def test_a_burst_of_new_credentials_is_spread_at_the_endpoints_rate(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    settings = OperatorSettings(endpoint_rate=4, endpoint_burst=2, metrics_port=0)
+    names = [f"c{i}" for i in range(8)]
+    with running_operator(kube.url, settings=settings) as operator:
+        started = time.monotonic()
+        for name in names:
+            cluster.apply_credential(name, cc_spec(idp))
+        wait_until(lambda: all(cluster.ready(n) for n in names), timeout=30, what="all Ready")
+        elapsed = time.monotonic() - started
+        waited = operator.controller.limiter.waited
+    # 8 requests, 2 at once, then 4/s: at least 1.5 s, however fast the machine is.
+    assert elapsed >= 1.4
+    assert waited > 0

@@ -56,6 +56,7 @@ from tokensync.auth.spec import (
     ssl_context_for_ca,
 )
 from tokensync.controller.kube import KubeClient
+from tokensync.controller.limits import EndpointLimiter
 from tokensync.controller.metrics import InstrumentedStore, Metrics
 from tokensync.controller.outcomes import (
     InvalidSpecError,
@@ -280,6 +281,9 @@ class Controller:
         self._entries: dict[Key, Entry] = {}
         self._sources: dict[Key, set[Key]] = {}
         self._discovery = DiscoveryCache(ttl=settings.discovery_ttl)
+        self.limiter = EndpointLimiter(
+            concurrency=settings.endpoint_concurrency, rate=settings.endpoint_rate, burst=settings.endpoint_burst
+        )
         self.scheduler = Scheduler(self._run, concurrency=settings.concurrency, clock=lambda: self._clock().timestamp())
         self.token_requests = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -466,8 +470,9 @@ class Controller:
             if due or forced or changed_inputs:
                 token_url = await self._token_url(credential)
                 manager = self._manager(entry, credential, values, spec_fp, inputs_fp, token_url)
-                self.token_requests += 1
-                token_set = await (manager.token() if changed_inputs else manager.force_refresh())
+                async with self.limiter.slot(token_url):
+                    self.token_requests += 1
+                    token_set = await (manager.token() if changed_inputs else manager.force_refresh())
                 renewed = True
         assert token_set is not None
         secret_name = await self._publish(entry, credential, token_set)

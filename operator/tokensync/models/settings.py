@@ -35,6 +35,13 @@ class OperatorSettings(BaseSettings):
     )
     redis_key_prefix: str = Field(default="tokensync:", description="Prefix of every Redis key.")
     concurrency: int = Field(default=32, ge=1, le=1024, description="Credentials renewed at the same time.")
+    endpoint_concurrency: int = Field(
+        default=8, ge=1, le=1024, description="Token requests in flight at once, per token endpoint host."
+    )
+    endpoint_rate: float = Field(
+        default=20.0, gt=0, description="Average token requests per second, per token endpoint host."
+    )
+    endpoint_burst: int = Field(default=40, ge=1, description="Token requests allowed at once above the rate.")
     expiry_skew: float = Field(default=5.0, ge=0, description="Seconds before expiry a token counts as expired.")
     jitter_fraction: float = Field(default=0.05, ge=0, le=0.5, description="Spread of refresh times.")
     backoff_initial: float = Field(default=5.0, gt=0, description="First retry delay after a transient failure.")
