@@ -210,7 +210,9 @@ async def test_a_discovered_token_endpoint_must_pass_the_url_policy_too():
     http = httpx.AsyncClient(transport=httpx.MockTransport(issuer))
     controller = Controller(kube=KubeClient.for_url("http://127.0.0.1:1"), settings=settings, http=http)
     cred = credential(issuer={"issuerURL": "https://idp.example"})
-    with pytest.raises(InvalidSpecError, match=re.escape("the discovered token_endpoint https://169.254.169.254/latest/token")):
+    with pytest.raises(
+        InvalidSpecError, match=re.escape("the discovered token_endpoint https://169.254.169.254/latest/token")
+    ):
         await controller._token_url(cred)
     await http.aclose()
     await controller.kube.close()
