@@ -216,3 +216,63 @@ async def test_a_discovered_token_endpoint_must_pass_the_url_policy_too():
         await controller._token_url(cred)
     await http.aclose()
     await controller.kube.close()
+
+
+class FlakyApi:
+    """Secrets in a dict; the next `fail_puts` PUTs answer 500, as an API server under load does."""
+
+    def __init__(self):
+        self.items = {}
+        self.version = 0
+        self.fail_puts = 0
+
+    def _stamp(self, body):
+        self.version += 1
+        body = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.version)}}
+        self.items[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+        return body
+
+    async def read_secret(self, namespace, name):
+        return self.items.get((namespace, name))
+
+    async def list_secrets(self, namespace, *, label_selector):
+        return list(self.items.values())
+
+    async def create_secret(self, namespace, body):
+        from tokensync.stores.kubernetes import ApiConflictError
+
+        if (namespace, body["metadata"]["name"]) in self.items:
+            raise ApiConflictError("exists", status=409, reason="AlreadyExists")
+        return self._stamp(body)
+
+    async def replace_secret(self, namespace, name, body):
+        from tokensync.stores.kubernetes import ApiConflictError, ApiError
+
+        if self.fail_puts:
+            self.fail_puts -= 1
+            raise ApiError("PUT: HTTP 500", status=500)
+        if body["metadata"].get("resourceVersion") != self.items[(namespace, name)]["metadata"]["resourceVersion"]:
+            raise ApiConflictError("stale", status=409, reason="Conflict")
+        return self._stamp(body)
+
+    async def delete_secret(self, namespace, name):
+        self.items.pop((namespace, name), None)
+
+
+async def test_a_failed_state_write_does_not_make_the_state_unreachable():
+    from tokensync.controller.reconciler import SecretCache
+    from tokensync.stores.base import StoreError
+    from tokensync.stores.kubernetes import KubernetesSecretStore
+
+    api = FlakyApi()
+    cache = SecretCache(api)
+    await cache.prime([])
+    store = KubernetesSecretStore(cache, namespace="n", name="s", serialize=str, deserialize=bytes.decode)
+    await store.save("one")
+    api.fail_puts = 1
+    with pytest.raises(StoreError):
+        await store.save("two")  # the API server failed once...
+    assert await store.load() == "one"  # ...the truth is read from the API, not "absent" from the cache
+    await store.save("three")
+    assert await store.load() == "three"
+    assert api.items[("n", "s")]["data"]["state"] == base64.b64encode(b"three").decode()

@@ -198,12 +198,15 @@ class SecretCache:
 
     Once :attr:`synced` (after the startup LIST), a miss means "absent": reads of
     state Secrets then cost no API call, which is what makes a restart with ten
-    thousand credentials one LIST instead of ten thousand GETs.
+    thousand credentials one LIST instead of ten thousand GETs. A write that fails
+    makes its key *stale*: the cache no longer knows the truth for it, so the
+    next read asks the API (a failed PUT leaves no watch event to repair it).
     """
 
     def __init__(self, client: KubeClient) -> None:
         self._client = client
         self._items: dict[Key, dict[str, Any]] = {}
+        self._stale: set[Key] = set()
         self.synced = False
 
     def __len__(self) -> int:
@@ -214,22 +217,35 @@ class SecretCache:
 
     def put(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        self._items[(meta.get("namespace", ""), meta.get("name", ""))] = body
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        self._items[key] = body
+        self._stale.discard(key)
 
     def drop(self, namespace: str, name: str) -> None:
         self._items.pop((namespace, name), None)
 
+    def _unknown(self, namespace: str, name: str) -> None:
+        self._items.pop((namespace, name), None)
+        self._stale.add((namespace, name))
+
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        hit = self._items.get((namespace, name))
-        if hit is not None or self.synced:
+        key = (namespace, name)
+        hit = self._items.get(key)
+        if hit is not None or (self.synced and key not in self._stale):
             return hit
         body = await self._client.read_secret(namespace, name)
         if body is not None and ROLE_LABEL in ((body.get("metadata") or {}).get("labels") or {}):
             self.put(body)
+        elif body is None:
+            self._stale.discard(key)
         return body
 
     async def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        written = await self._client.create_secret(namespace, body)
+        try:
+            written = await self._client.create_secret(namespace, body)
+        except ApiError:
+            self._unknown(namespace, body["metadata"]["name"])
+            raise
         self.put(written)
         return written
 
@@ -237,14 +253,21 @@ class SecretCache:
         try:
             written = await self._client.replace_secret(namespace, name, body)
         except ApiError:
-            self.drop(namespace, name)  # stale: the next read goes to the API
+            self._unknown(namespace, name)
             raise
         self.put(written)
         return written
 
     async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await self._client.delete_secret(namespace, name)
+        except ApiNotFoundError:
+            self.drop(namespace, name)
+            raise
+        except ApiError:
+            self._unknown(namespace, name)
+            raise
         self.drop(namespace, name)
-        await self._client.delete_secret(namespace, name)
 
     async def prime(self, namespaces: list[str]) -> None:
         """One labelled LIST per watched scope, before any credential is reconciled."""
