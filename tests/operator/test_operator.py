@@ -365,3 +365,34 @@ def test_a_burst_of_new_credentials_is_spread_at_the_endpoints_rate(cluster, kub
     # 8 requests, 2 at once, then 4/s: at least 1.5 s, however fast the machine is.
     assert elapsed >= 1.4
     assert waited > 0
+
+
+def test_refresh_token_chain_survives_spec_and_client_secret_changes(cluster, kube, make_idp):
+    idp = make_idp(fresh=True)
+    secret = idp.client_secret("pw-client")
+    bootstrap = httpx.post(
+        idp.token_url,
+        data={"grant_type": "password", "username": "alice", "password": idp.password("alice")},
+        auth=("pw-client", secret),
+    ).json()["refresh_token"]
+    cluster.apply_secret("boot", {"token": bootstrap})
+    cluster.apply_secret("pw", {"secret": secret}, labels={"tokensync.dev/role": "source"})
+    spec = {"issuer": {"tokenURL": idp.token_url},
+            "grant": {"type": "refresh_token", "clientID": "pw-client", "clientSecretRef": {"name": "pw", "key": "secret"},
+                      "refreshTokenRef": {"name": "boot", "key": "token"}}}  # fmt: skip
+    with running_operator(kube.url):
+        cluster.apply_credential("rt", spec)
+        wait_until(lambda: cluster.ready("rt"), what="Ready")
+        first = cluster.secret_data("rt")["access_token"]
+        # A spec change (here the timeout) must not start over from the spent bootstrap token.
+        cluster.apply_credential("rt", {**spec, "issuer": {**spec["issuer"], "timeout": "20s"}})
+        wait_until(lambda: cluster.credential("rt")["status"].get("observedGeneration") == 2, what="gen 2")
+        assert cluster.ready("rt"), cluster.condition("rt")
+        second = cluster.secret_data("rt")["access_token"]
+        assert second != first and idp.introspect(second)["active"]
+        # Nor must a rotated client secret.
+        idp.rotate_client_secret("pw-client", "pw-secret-rotated-1")
+        cluster.apply_secret("pw", {"secret": "pw-secret-rotated-1"}, labels={"tokensync.dev/role": "source"})
+        wait_until(lambda: cluster.secret_data("rt")["access_token"] != second, what="renewed with the new secret")
+        assert cluster.ready("rt"), cluster.condition("rt")
+        assert idp.introspect(cluster.secret_data("rt")["access_token"])["active"]

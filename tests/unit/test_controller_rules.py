@@ -213,7 +213,7 @@ async def test_a_discovered_token_endpoint_must_pass_the_url_policy_too():
     with pytest.raises(
         InvalidSpecError, match=re.escape("the discovered token_endpoint https://169.254.169.254/latest/token")
     ):
-        await controller._token_url(cred)
+        await controller._token_url(cred, {})
     await http.aclose()
     await controller.kube.close()
 

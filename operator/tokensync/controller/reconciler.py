@@ -80,6 +80,7 @@ from tokensync.controller.secrets import (
 from tokensync.models.credential import (
     CredentialSpec,
     DeletionPolicy,
+    GrantType,
     OAuthCredential,
     StoreBackend,
 )
@@ -141,6 +142,14 @@ def spec_hash(spec: CredentialSpec) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def bootstrap_hash(spec: CredentialSpec, values: dict[str, str]) -> str:
+    """Fingerprint of the bootstrap refresh token alone (empty for other grants)."""
+    value = values.get("grant.refreshTokenRef")
+    if spec.grant.type != GrantType.REFRESH_TOKEN or value is None:
+        return ""
+    return hashlib.sha256(b"bootstrap\0" + value.encode()).hexdigest()
+
+
 def inputs_hash(spec_fingerprint: str, values: dict[str, str]) -> str:
     digest = hashlib.sha256(spec_fingerprint.encode())
     for path in sorted(values):
@@ -155,10 +164,13 @@ class FingerprintedStore:
     records the inputs it was made from.
     """
 
-    def __init__(self, inner: AsyncCredentialStore[StoredCredential], spec_fp: str, inputs_fp: str) -> None:
+    def __init__(
+        self, inner: AsyncCredentialStore[StoredCredential], spec_fp: str, inputs_fp: str, bootstrap_fp: str = ""
+    ) -> None:
         self._inner = inner
         self._spec = spec_fp
         self._inputs = inputs_fp
+        self._bootstrap = bootstrap_fp
 
     async def load(self) -> TokenSet | None:
         stored = await self._inner.load()
@@ -167,7 +179,11 @@ class FingerprintedStore:
         return stored.token_set
 
     async def save(self, value: TokenSet) -> None:
-        await self._inner.save(StoredCredential(token_set=value, spec_hash=self._spec, inputs_hash=self._inputs))
+        await self._inner.save(
+            StoredCredential(
+                token_set=value, spec_hash=self._spec, inputs_hash=self._inputs, bootstrap_hash=self._bootstrap
+            )
+        )
 
     async def clear(self) -> None:
         await self._inner.clear()
@@ -470,9 +486,8 @@ class Controller:
         self._check_urls(credential)
         store = entry.store = entry.store or self._store(credential)
         spec_fp = spec_hash(spec)
-        stored = await store.load()
-        if stored is not None and stored.spec_hash != spec_fp:
-            stored = None
+        raw = await store.load()
+        stored = raw if raw is not None and raw.spec_hash == spec_fp else None
         token_set = stored.token_set if stored is not None else None
         identity = entry.uid or f"{entry.key[0]}/{entry.key[1]}"
         refresh = spec.effective_refresh()
@@ -488,11 +503,16 @@ class Controller:
         if due or forced or entry.inputs_dirty:
             values = await self._resolve(credential)
             inputs_fp = inputs_hash(spec_fp, values)
+            bootstrap_fp = bootstrap_hash(spec, values)
             changed_inputs = stored is None or stored.inputs_hash != inputs_fp
-            entry.inputs_dirty = False
+            same_chain = raw is not None and bool(bootstrap_fp) and raw.bootstrap_hash == bootstrap_fp
+            if changed_inputs and same_chain and raw is not None and raw.token_set.refresh_token is not None:
+                # Same bootstrap token: continue the stored chain under the new inputs.
+                await FingerprintedStore(store, spec_fp, inputs_fp, bootstrap_fp).save(raw.token_set)
+                changed_inputs, due = False, True
             if due or forced or changed_inputs:
-                token_url = await self._token_url(credential)
-                manager = self._manager(entry, credential, values, spec_fp, inputs_fp, token_url)
+                token_url = await self._token_url(credential, values)
+                manager = self._manager(entry, credential, values, spec_fp, inputs_fp, bootstrap_fp, token_url)
                 async with self.limiter.slot(token_url):
                     self.token_requests += 1
                     token_set = await (manager.token() if changed_inputs else manager.force_refresh())
@@ -502,6 +522,7 @@ class Controller:
         next_at = refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
         recovered = entry.failed_attempts > 0
         entry.failed_attempts = 0
+        entry.inputs_dirty = False  # only now: a failed grant must not forget that inputs changed
         status = self._success_status(
             entry, credential, token_set, secret_name, next_at, renewed=renewed, forced=forced, now=now
         )
@@ -594,6 +615,7 @@ class Controller:
         values: dict[str, str],
         spec_fp: str,
         inputs_fp: str,
+        bootstrap_fp: str,
         token_url: str,
     ) -> AsyncTokenManager:
         # The manager lives as long as its inputs: it keeps a rotated token set
@@ -604,7 +626,7 @@ class Controller:
                 self._provider(credential, values),
                 http=self._http_for(credential, values),
                 token_url=token_url,
-                store=FingerprintedStore(entry.store, spec_fp, inputs_fp),
+                store=FingerprintedStore(entry.store, spec_fp, inputs_fp, bootstrap_fp),
                 expiry_skew=self.settings.expiry_skew,
             )
             entry.manager_key = (spec_fp, inputs_fp)
@@ -629,12 +651,14 @@ class Controller:
             )
         return client
 
-    async def _token_url(self, credential: OAuthCredential) -> str:
+    async def _token_url(self, credential: OAuthCredential, values: dict[str, str]) -> str:
         issuer = credential.spec.issuer
         if issuer.token_url is not None:
             return issuer.token_url
         assert issuer.issuer_url is not None
-        endpoint = await self._discovery.token_endpoint(self._http, issuer.issuer_url)
+        # Discovery goes through the same client as the token request: a private CA
+        # (issuer.caSecretRef) and the spec's timeout apply to both.
+        endpoint = await self._discovery.token_endpoint(self._http_for(credential, values), issuer.issuer_url)
         # A discovery document is the issuer's word, not the operator's: the endpoint
         # it names must pass the same policy, or an issuer could point the operator
         # (and the client secret) at an internal address.

@@ -10,6 +10,11 @@ secret would go unnoticed until the next refresh. Two fingerprints are kept:
   needs those Secrets, so it is compared whenever they are read anyway (before
   any grant or refresh, and when a watched source Secret changes). It lives only
   in the store, next to the refresh token, never in status or annotations.
+* ``bootstrap_hash`` covers only the bootstrap refresh token of a ``refresh_token``
+  credential. While it is unchanged, a changed spec or client secret continues
+  the stored refresh-token chain: starting again from the bootstrap token would
+  present a token that was spent at the first exchange, which servers with reuse
+  protection answer by revoking the whole family.
 """
 
 from __future__ import annotations
@@ -30,11 +35,17 @@ class StoredCredential(BaseModel):
     token_set: TokenSet
     spec_hash: str
     inputs_hash: str
+    bootstrap_hash: str = ""
 
     def to_json(self) -> str:
         """Serialise with secrets revealed: for a CredentialStore only."""
         return json.dumps(
-            {"spec_hash": self.spec_hash, "inputs_hash": self.inputs_hash, "token_set": self.token_set.to_dict()},
+            {
+                "spec_hash": self.spec_hash,
+                "inputs_hash": self.inputs_hash,
+                "bootstrap_hash": self.bootstrap_hash,
+                "token_set": self.token_set.to_dict(),
+            },
             separators=(",", ":"),
             sort_keys=True,
         )
@@ -48,4 +59,5 @@ class StoredCredential(BaseModel):
             token_set=TokenSet.model_validate(raw.get("token_set")),
             spec_hash=str(raw.get("spec_hash", "")),
             inputs_hash=str(raw.get("inputs_hash", "")),
+            bootstrap_hash=str(raw.get("bootstrap_hash", "")),
         )
