@@ -55,6 +55,10 @@ def test_default_guard_scales_down_for_very_short_tokens():
     assert due(1) == 1  # half of 1 s would be under the 1 s floor; never past expiry
 
 
+def test_a_token_expired_on_arrival_is_not_renewed_in_a_loop():
+    assert due(0) >= 1
+
+
 def test_unknown_expiry_refreshes_hourly():
     assert due(None) == 3600
 
@@ -158,3 +162,19 @@ async def test_cancelled_keys_do_not_run():
     assert seen == []
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_stopping_lets_work_in_flight_finish_within_the_grace_period():
+    finished = []
+
+    async def work(key):
+        await asyncio.sleep(0.2)  # a token request and its store write
+        finished.append(key)
+
+    scheduler = Scheduler(work, concurrency=2, grace=5)
+    task = asyncio.create_task(scheduler.run())
+    scheduler.run_now("a")
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert finished == ["a"]

@@ -133,3 +133,9 @@ def test_a_body_without_a_token_is_refused(payload):
 def test_a_damaged_store_payload_raises_value_error():
     with pytest.raises(ValueError, match="validation error"):
         TokenSet.from_json('{"access_token": 1')
+
+
+@pytest.mark.parametrize("lifetime", [1e400, "inf", 10**30, "nan"])
+def test_absurd_lifetimes_are_capped_or_ignored_not_crashes(lifetime):
+    ts = TokenSet.from_response({"access_token": "test-secret-at", "expires_in": lifetime}, now=NOW)
+    assert ts.expires_at is None or ts.expires_at <= NOW + timedelta(days=3651)

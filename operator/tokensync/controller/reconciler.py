@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from tokensync.auth import AsyncTokenManager, AuthProvider
+from tokensync.auth import AsyncTokenManager, AuthProvider, InvalidResponseError
 from tokensync.auth.discovery import DiscoveryCache
 from tokensync.auth.spec import (
     insecure_url_problem,
@@ -517,6 +517,12 @@ class Controller:
                     self.token_requests += 1
                     token_set = await (manager.token() if changed_inputs else manager.force_refresh())
                 renewed = True
+                if not token_set.access_valid(now=self._clock()):
+                    # Retrying at once would loop: back off like any bad answer.
+                    raise InvalidResponseError(
+                        "the identity provider issued a token that is already expired "
+                        "(check its clock and the expires_in it sends)"
+                    )
         assert token_set is not None
         secret_name = await self._publish(entry, credential, token_set)
         next_at = refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)

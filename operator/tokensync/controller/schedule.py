@@ -80,7 +80,9 @@ def refresh_time(token_set: TokenSet, spec: RefreshSpec, *, identity: str, jitte
     if jitter_fraction > 0:
         due -= lifetime * jitter_fraction * stable_fraction(identity, issued.isoformat())
     due = max(due, issued + min_interval)
-    return min(due, expires)
+    # Never after expiry, but never sooner than the guard either: a token that
+    # arrives (nearly) expired must not turn into a renewal loop.
+    return max(min(due, expires), issued + min(min_interval, timedelta(seconds=1)))
 
 
 def backoff_delay(
@@ -110,8 +112,10 @@ class Scheduler:
         *,
         concurrency: int,
         clock: Callable[[], float] = time.time,
+        grace: float = 20.0,
     ) -> None:
         self._work = work
+        self._grace = grace
         self._clock = clock
         self._due: dict[Hashable, float] = {}
         self._heap: list[tuple[float, int, Hashable]] = []
@@ -180,10 +184,16 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
         finally:
-            for task in list(self._tasks):
-                task.cancel()
+            # Let renewals in flight finish: cancelling one between the token
+            # request and the store write would lose a rotated refresh token. Only
+            # what outlives the grace period (below Kubernetes' default 30 s) is
+            # cancelled.
             if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                _, late = await asyncio.wait(set(self._tasks), timeout=self._grace)
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.gather(*late, return_exceptions=True)
 
     def _start(self, key: Hashable) -> None:
         self._running.add(key)

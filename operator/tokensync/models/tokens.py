@@ -56,15 +56,24 @@ def jwt_expiry(token: str) -> datetime | None:
         return None
 
 
+MAX_LIFETIME = 10 * 365 * 24 * 3600.0
+
+
 def _lifetime(value: Any) -> float | None:
-    """``expires_in`` as seconds; servers send ints, strings and occasionally junk."""
+    """``expires_in`` as seconds; servers send ints, strings and occasionally junk.
+
+    Capped at ten years: a huge or infinite value must not overflow the datetime
+    arithmetic after the server already rotated the refresh token.
+    """
     if isinstance(value, bool) or value is None:
         return None
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return seconds if seconds >= 0 else None
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        return None
+    return min(seconds, MAX_LIFETIME)
 
 
 class TokenSet(BaseModel):
