@@ -205,6 +205,7 @@ def test_bad_specs_say_which_field_and_others_keep_working(cluster, kube, idp):
                                            "clientSecretRef": {"name": "cc", "key": "nokey"}}),
         "wrong-secret": cc_spec(idp, secret="wrong"),
         "plain-http": {**cc_spec(idp), "issuer": {"tokenURL": "http://idp.example.com/token"}},
+        "collide": cc_spec(idp, target={"secretName": "collide-tokensync-state"}),
     }  # fmt: skip
     cluster.apply_secret("wrong", {"secret": "not-the-secret"})
     expected = {
@@ -213,6 +214,7 @@ def test_bad_specs_say_which_field_and_others_keep_working(cluster, kube, idp):
         "missing-key": ("SecretNotFound", "Secret cc has no key nokey"),
         "wrong-secret": ("InvalidClient", "invalid_client"),
         "plain-http": ("InvalidSpec", "issuer.tokenURL uses plain http"),
+        "collide": ("InvalidSpec", "target.secretName collide-tokensync-state is reserved"),
     }
     with running_operator(kube.url):
         for name, spec in bad.items():
@@ -396,3 +398,45 @@ def test_refresh_token_chain_survives_spec_and_client_secret_changes(cluster, ku
         wait_until(lambda: cluster.secret_data("rt")["access_token"] != second, what="renewed with the new secret")
         assert cluster.ready("rt"), cluster.condition("rt")
         assert idp.introspect(cluster.secret_data("rt")["access_token"])["active"]
+
+
+def test_a_conflict_clears_by_itself_once_the_foreign_secret_is_gone(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    cluster.apply_secret("taken", {"mine": "x"})
+    settings = OperatorSettings(backoff_initial=0.2, backoff_max=1, metrics_port=0)
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("api", cc_spec(idp, target={"secretName": "taken"}))
+        wait_until(lambda: (cluster.condition("api") or {}).get("reason") == "SecretConflict", what="conflict")
+        cluster.core.delete_namespaced_secret("taken", "default")  # the owner gives the name up
+        wait_until(lambda: cluster.ready("api"), what="Ready once the name is free")
+    assert "access_token" in cluster.secret_data("taken")
+
+
+def test_switching_the_store_backend_moves_the_tokens_without_a_new_grant(cluster, kube, make_idp, redis_url):
+    idp = make_idp(fresh=True)
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    settings = OperatorSettings(redis_url=redis_url, metrics_port=0)
+    with running_operator(kube.url, settings=settings):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        token = cluster.secret_data("api")["access_token"]
+        idp.reset_counters()
+        cluster.apply_credential("api", cc_spec(idp, store={"backend": "redis"}))
+        wait_until(lambda: cluster.secret("api-tokensync-state") is None, what="state moved out of the Secret")
+        wait_until(lambda: redis.Redis.from_url(redis_url).exists("tokensync:default/api"), what="state in Redis")
+    assert idp.token_request_count() == 0
+    assert cluster.secret_data("api")["access_token"] == token
+
+
+def test_a_recreated_credential_is_a_new_object(cluster, kube, idp):
+    cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
+    with running_operator(kube.url):
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api"), what="Ready")
+        cluster.delete_credential("api")
+        wait_until(lambda: cluster.secret("api") is None, what="collected")
+        cluster.apply_credential("api", cc_spec(idp))
+        wait_until(lambda: cluster.ready("api") and cluster.secret("api"), what="Ready again")
+        uid = cluster.credential("api")["metadata"]["uid"]
+        assert cluster.secret("api")["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert cluster.secret("api-tokensync-state")["metadata"]["ownerReferences"][0]["uid"] == uid

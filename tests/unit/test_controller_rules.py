@@ -276,3 +276,37 @@ async def test_a_failed_state_write_does_not_make_the_state_unreachable():
     await store.save("three")
     assert await store.load() == "three"
     assert api.items[("n", "s")]["data"]["state"] == base64.b64encode(b"three").decode()
+
+
+def test_foreign_owner_references_do_not_cause_rewrites():
+    desired = desired_target(credential(), TOKEN)
+    actual = merged_for_replace({"metadata": {"ownerReferences": [{"kind": "Application", "uid": "argo"}]}}, desired)
+    assert [o["kind"] for o in actual["metadata"]["ownerReferences"]] == ["Application", "OAuthCredential"]
+    assert not secret_differs(actual, desired)
+
+
+def test_the_state_secret_is_not_a_target_even_with_our_marks():
+    state = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "tokensync", "tokensync.dev/role": "state"},
+                          "annotations": {"tokensync.dev/credential": "api"}}}  # fmt: skip
+    assert not is_ours(state, "api")
+
+
+def test_after_a_spec_change_failures_never_report_the_old_token_as_ready():
+    from tokensync.controller import Controller, KubeClient
+    from tokensync.controller.reconciler import Entry
+    from tokensync.models.settings import OperatorSettings
+
+    controller = Controller(kube=KubeClient.for_url("http://127.0.0.1:1"), settings=OperatorSettings())
+    entry = Entry(key=("team", "api"), attempt_generation=2)
+    entry.status = {
+        "observedGeneration": 1,
+        "expiresAt": "2999-01-01T00:00:00Z",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "TokenIssued", "observedGeneration": 1,
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }  # fmt: skip
+    outage = RateLimitedError("token endpoint answered HTTP 429")
+    first = controller._failure_status(entry, outage, NOW)
+    assert first["conditions"][0]["status"] == "False"
+    entry.status = first
+    second = controller._failure_status(entry, outage, NOW)
+    assert second["conditions"][0]["status"] == "False"  # was True: Ready for generation 2 with a gen-1 token

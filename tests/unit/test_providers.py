@@ -153,3 +153,12 @@ def test_reprs_never_show_secrets():
             assert "test-secret" not in text
             assert "PRIVATE KEY" not in text
             assert SEED not in text
+
+
+def test_a_bad_private_key_is_refused_when_the_provider_is_built():
+    rsa_key = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    with pytest.raises(ValueError, match="not a PEM key usable with RS256") as info:
+        ClientCredentialsAuth("c", private_key="-----BEGIN PRIVATE KEY-----\ntest-secret\n-----END PRIVATE KEY-----")
+    assert "test-secret" not in str(info.value) and info.value.__cause__ is None
+    with pytest.raises(ValueError, match="usable with ES256"):
+        ClientCredentialsAuth("c", private_key=rsa_key, signing_algorithm="ES256")

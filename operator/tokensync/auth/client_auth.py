@@ -120,6 +120,14 @@ class PrivateKeyJWT(ClientAuth):
     lifetime: int = 60
     method: ClassVar[ClientAuthMethod] = "private_key_jwt"
 
+    def __post_init__(self) -> None:
+        # Check the key once, here: a bad key is a configuration error to report,
+        # not something to discover (and retry) at every token request.
+        try:
+            jwt.get_algorithm_by_name(self.algorithm).prepare_key(self.private_key)
+        except Exception:  # InvalidKeyError, ValueError, TypeError; never chained: no key in tracebacks
+            raise ValueError(f"the private key is not a PEM key usable with {self.algorithm}") from None
+
     def apply(self, *, data: dict[str, str], headers: dict[str, str], token_url: str) -> None:
         now = int(time.time())
         claims = {

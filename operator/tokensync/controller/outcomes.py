@@ -46,6 +46,7 @@ __all__ = [
     "InvalidSpecError",
     "Outcome",
     "ReferenceMissingError",
+    "SecretBusyError",
     "SecretConflictError",
     "classify",
     "conditions",
@@ -68,6 +69,10 @@ class SecretConflictError(ControllerError):
     """The target Secret exists and was not created by tokensync for this credential."""
 
 
+class SecretBusyError(ControllerError):
+    """The target Secret kept changing while tokensync wrote it (a race, retried)."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     reason: str
@@ -86,6 +91,8 @@ def classify(exc: BaseException) -> Outcome:
             return Outcome("SecretNotFound", text, permanent=False)
         case SecretConflictError():
             return Outcome("SecretConflict", text, permanent=True)
+        case SecretBusyError():
+            return Outcome("SecretConflict", text, permanent=False)
         case ReauthenticationRequired():
             return Outcome("ReauthenticationRequired", text, permanent=True)
         case InvalidClientError() | UnauthorizedClientError():

@@ -61,6 +61,7 @@ from tokensync.controller.metrics import InstrumentedStore, Metrics
 from tokensync.controller.outcomes import (
     InvalidSpecError,
     ReferenceMissingError,
+    SecretBusyError,
     SecretConflictError,
     classify,
     conditions,
@@ -200,12 +201,21 @@ class Entry:
     invalid: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
     refresh_request: str | None = None
-    inputs_dirty: bool = False
+    # Source-Secret changes seen vs handled: a counter, not a flag, so a change
+    # arriving while an attempt runs is not cleared by that attempt's success.
+    inputs_changes: int = 0
+    inputs_handled: int = 0
     failed_attempts: int = 0
     store: AsyncCredentialStore[StoredCredential] | None = None
     manager: AsyncTokenManager | None = None
     manager_key: tuple[str, str] | None = None
     written_target_version: str | None = None
+    # What the running attempt works on, fixed when it starts: observe() may change
+    # generation and refresh_request meanwhile, and the status must describe the
+    # attempt, not the latest event (or a new request would be marked handled unseen).
+    attempt_generation: int | None = None
+    attempt_request: str | None = None
+    store_backend: StoreBackend | None = None
     sources: frozenset[Key] = frozenset()
 
 
@@ -326,6 +336,7 @@ class Controller:
         self.scheduler = Scheduler(self._run, concurrency=settings.concurrency, clock=lambda: self._clock().timestamp())
         self.token_requests = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._clear_after_run: dict[Key, AsyncCredentialStore[StoredCredential]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -357,6 +368,9 @@ class Controller:
             self._forget(key)
             return
         entry = self._entries.get(key)
+        if entry is not None and entry.uid and meta.get("uid") and meta.get("uid") != entry.uid:
+            self._forget(key)  # a new object under an old name: nothing of the old one applies
+            entry = None
         fresh = entry is None
         if entry is None:
             entry = self._entries[key] = Entry(key=key)
@@ -418,13 +432,13 @@ class Controller:
             for key in self._sources.get((namespace, name), ()):
                 entry = self._entries.get(key)
                 if entry is not None:
-                    entry.inputs_dirty = True
+                    entry.inputs_changes += 1
                     self.scheduler.run_now(key)
 
     def request_refresh(self, key: Key) -> None:
         entry = self._entries.get(key)
         if entry is not None:
-            entry.inputs_dirty = True
+            entry.inputs_changes += 1
             self.scheduler.run_now(key)
 
     def _forget(self, key: Key) -> None:
@@ -437,6 +451,9 @@ class Controller:
             self._sources.get(source, set()).discard(key)
         if entry.credential is not None and self._backend(entry.credential) == StoreBackend.REDIS:
             store = entry.store or self._store(entry.credential)
+            if self.scheduler.running(key):
+                self._clear_after_run[key] = store  # a save in flight would write it back
+                return
             task = asyncio.get_running_loop().create_task(self._clear_quietly(store, key))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -472,6 +489,7 @@ class Controller:
         if entry is None:
             return
         now = self._clock()
+        entry.attempt_generation, entry.attempt_request = entry.generation, entry.refresh_request
         if entry.credential is None:
             self.metrics.credential_failing(entry.key, ready=False)
             await self._write_status(entry, self._failure_status(entry, InvalidSpecError(entry.invalid or ""), now))
@@ -480,11 +498,15 @@ class Controller:
             await self._reconcile(entry, entry.credential, now)
         except Exception as exc:
             await self._failed(entry, exc, now)
+        finally:
+            leftover = self._clear_after_run.pop(entry.key, None)
+            if leftover is not None:
+                await self._clear_quietly(leftover, entry.key)
 
     async def _reconcile(self, entry: Entry, credential: OAuthCredential, now: datetime) -> None:
         spec = credential.spec
         self._check_urls(credential)
-        store = entry.store = entry.store or self._store(credential)
+        store = await self._current_store(entry, credential)
         spec_fp = spec_hash(spec)
         raw = await store.load()
         stored = raw if raw is not None and raw.spec_hash == spec_fp else None
@@ -492,7 +514,7 @@ class Controller:
         identity = entry.uid or f"{entry.key[0]}/{entry.key[1]}"
         refresh = spec.effective_refresh()
         skew = self.settings.expiry_skew
-        forced = entry.refresh_request is not None and entry.refresh_request != entry.status.get(
+        forced = entry.attempt_request is not None and entry.attempt_request != entry.status.get(
             "handledRefreshRequest"
         )
         jitter = self.settings.jitter_fraction
@@ -500,7 +522,8 @@ class Controller:
         if token_set is not None and not due:
             due = now >= refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
         renewed = False
-        if due or forced or entry.inputs_dirty:
+        inputs_seen = entry.inputs_changes
+        if due or forced or inputs_seen != entry.inputs_handled:
             values = await self._resolve(credential)
             inputs_fp = inputs_hash(spec_fp, values)
             bootstrap_fp = bootstrap_hash(spec, values)
@@ -528,11 +551,14 @@ class Controller:
         next_at = refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
         recovered = entry.failed_attempts > 0
         entry.failed_attempts = 0
-        entry.inputs_dirty = False  # only now: a failed grant must not forget that inputs changed
+        entry.inputs_handled = inputs_seen  # only now: a failed grant must not forget that inputs changed
         status = self._success_status(
             entry, credential, token_set, secret_name, next_at, renewed=renewed, forced=forced, now=now
         )
-        first = not entry.status.get("lastRefreshTime") or entry.status.get("observedGeneration") != entry.generation
+        first = (
+            not entry.status.get("lastRefreshTime")
+            or entry.status.get("observedGeneration") != entry.attempt_generation
+        )
         await self._write_status(entry, status)
         if renewed and (first or recovered):
             await self._event(
@@ -552,6 +578,21 @@ class Controller:
         self.scheduler.schedule(entry.key, next_at.timestamp())
 
     # -- pieces -----------------------------------------------------------------------
+
+    async def _current_store(self, entry: Entry, credential: OAuthCredential) -> AsyncCredentialStore[StoredCredential]:
+        """The entry's store; when ``store.backend`` changed, the stored value moves along."""
+        backend = self._backend(credential)
+        if entry.store is not None and entry.store_backend == backend:
+            return entry.store
+        new = self._store(credential)
+        if entry.store is not None:
+            value = await entry.store.load()
+            if value is not None:
+                await new.save(value)
+            await entry.store.clear()
+            entry.manager = None
+        entry.store, entry.store_backend = new, backend
+        return new
 
     def _backend(self, credential: OAuthCredential) -> StoreBackend:
         return credential.spec.effective_backend(self.settings.default_store)
@@ -682,6 +723,8 @@ class Controller:
         """Create or update the target Secret; returns its name. Never touches a foreign Secret."""
         desired = desired_target(credential, token_set)
         namespace, name = credential.metadata.namespace, str(desired["metadata"]["name"])
+        if name == state_secret_name(credential.metadata.name):
+            raise InvalidSpecError(f"target.secretName {name} is reserved for tokensync's own state Secret")
         actual = self.secrets.get(namespace, name)
         for _ in range(3):
             try:
@@ -707,7 +750,7 @@ class Controller:
             except (ApiConflictError, ApiNotFoundError):
                 actual = await self.kube.read_secret(namespace, name)  # lost a race: look again
         else:
-            raise SecretConflictError(f"Secret {name} keeps changing under tokensync; giving up for now")
+            raise SecretBusyError(f"Secret {name} keeps changing under tokensync; retrying later")
         await self._retire_previous_target(entry, credential, name)
         return name
 
@@ -739,13 +782,13 @@ class Controller:
         expires = _stamp(token_set.expires_at) or "an unknown time"
         count = int(previous.get("refreshCount") or 0) + (1 if renewed else 0)
         return {
-            "observedGeneration": entry.generation,
+            "observedGeneration": entry.attempt_generation,
             "conditions": conditions(
                 previous.get("conditions"),
                 ready=(True, "TokenIssued", f"Secret {secret_name} holds a token valid until {expires}"),
                 reconciling=None,
                 stalled=None,
-                generation=entry.generation,
+                generation=entry.attempt_generation,
                 now=now,
             ),
             "secretName": secret_name,
@@ -757,7 +800,7 @@ class Controller:
             "lastFailureTime": None,
             "grantedScopes": token_set.scope.split() if token_set.scope else None,
             "refreshCount": count,
-            "handledRefreshRequest": entry.refresh_request if forced else previous.get("handledRefreshRequest"),
+            "handledRefreshRequest": entry.attempt_request if forced else previous.get("handledRefreshRequest"),
         }
 
     def _failure_status(
@@ -766,7 +809,14 @@ class Controller:
         outcome = classify(exc)
         previous = entry.status
         expires = _parse_stamp(previous.get("expiresAt"))
-        spec_current = previous.get("observedGeneration") == entry.generation
+        # The Secret still serves this spec only if Ready was True *for this
+        # generation*: after a spec change the old token belongs to the old spec.
+        ready_before: dict[str, Any] = next(
+            (c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
+        spec_current = (
+            ready_before.get("status") == "True" and ready_before.get("observedGeneration") == entry.attempt_generation
+        )
         still_valid = not outcome.permanent and spec_current and expires is not None and expires > now
         if still_valid:
             ready = (True, "TokenIssued", f"token valid until {_stamp(expires)}; renewal failing: {outcome.message}")
@@ -774,13 +824,13 @@ class Controller:
             ready = (False, outcome.reason, outcome.message)
         return {
             **previous,
-            "observedGeneration": entry.generation,
+            "observedGeneration": entry.attempt_generation,
             "conditions": conditions(
                 previous.get("conditions"),
                 ready=ready,
                 reconciling=None if outcome.permanent else (True, outcome.reason, outcome.message),
                 stalled=(True, outcome.reason, outcome.message) if outcome.permanent else None,
-                generation=entry.generation,
+                generation=entry.attempt_generation,
                 now=now,
             ),
             "failedAttempts": entry.failed_attempts,
@@ -788,7 +838,7 @@ class Controller:
             "nextRefreshTime": _stamp(next_at),
             # A requested refresh that failed transiently is still owed: it is only
             # handled when it succeeds, or fails in a way retrying cannot fix.
-            "handledRefreshRequest": entry.refresh_request
+            "handledRefreshRequest": entry.attempt_request
             if outcome.permanent
             else previous.get("handledRefreshRequest"),
         }
@@ -799,7 +849,12 @@ class Controller:
             logger.exception("reconciling %s/%s failed unexpectedly", *entry.key)
         entry.failed_attempts += 1
         next_at: datetime | None = None
-        if not outcome.permanent:
+        if outcome.reason == "SecretConflict":
+            # The foreign Secret is not watched (it is not ours), so nobody would
+            # tell us when its owner deletes it: look again now and then.
+            next_at = now + timedelta(seconds=self.settings.backoff_max)
+            self.scheduler.schedule(entry.key, next_at.timestamp())
+        elif not outcome.permanent:
             delay = backoff_delay(
                 entry.failed_attempts,
                 initial=self.settings.backoff_initial,
@@ -836,7 +891,11 @@ class Controller:
         try:
             written = await self.kube.patch_credential_status(entry.key[0], entry.key[1], status)
         except ApiNotFoundError:
-            return  # deleted meanwhile; the DELETED event will follow
+            # Deleted, and maybe never announced (a relist after a watch expiry does
+            # not replay deletions): stop renewing a credential that is gone.
+            if self._entries.get(entry.key) is entry:
+                self._forget(entry.key)
+            return
         entry.status = dict(written.get("status") or status)
 
     async def _event(self, credential: OAuthCredential, kind: str, reason: str, message: str) -> None:

@@ -146,6 +146,9 @@ class Scheduler:
         self._due.pop(key, None)
         self._again.discard(key)
 
+    def running(self, key: Hashable) -> bool:
+        return key in self._running
+
     def due_time(self, key: Hashable) -> float | None:
         return self._due.get(key)
 

@@ -107,11 +107,15 @@ def desired_target(credential: OAuthCredential, token_set: TokenSet) -> dict[str
 
 
 def is_ours(secret: Mapping[str, Any], credential_name: str) -> bool:
-    """Whether this Secret was created by tokensync for this credential."""
+    """Whether this Secret was created by tokensync as this credential's target."""
     metadata = secret.get("metadata") or {}
     labels = metadata.get("labels") or {}
     annotations = metadata.get("annotations") or {}
-    return labels.get(MANAGED_BY[0]) == MANAGED_BY[1] and annotations.get(CREDENTIAL_ANNOTATION) == credential_name
+    return (
+        labels.get(MANAGED_BY[0]) == MANAGED_BY[1]
+        and labels.get(ROLE_LABEL) == "target"
+        and annotations.get(CREDENTIAL_ANNOTATION) == credential_name
+    )
 
 
 def secret_differs(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
@@ -129,8 +133,10 @@ def secret_differs(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> boo
         have = a_meta.get(field) or {}
         if any(have.get(k) != v for k, v in (d_meta.get(field) or {}).items()):
             return True
-    want_owners = {o.get("uid") for o in d_meta.get("ownerReferences") or []}
-    have_owners = {o.get("uid") for o in a_meta.get("ownerReferences") or []}
+    # Only our own owner references count: others' (a Reflector, an Argo CD app)
+    # are kept as they are, not fought over with a write per reconcile.
+    want_owners = {o.get("uid") for o in d_meta.get("ownerReferences") or [] if o.get("kind") == KIND}
+    have_owners = {o.get("uid") for o in a_meta.get("ownerReferences") or [] if o.get("kind") == KIND}
     return want_owners != have_owners
 
 
