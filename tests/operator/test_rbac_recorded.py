@@ -10,9 +10,7 @@ all of them (the operator works under it) and nothing else (least privilege).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp.web
 import attrs
@@ -22,10 +20,10 @@ import yaml
 
 from support.kube import PROJECT_CRDS
 from support.operator import Cluster, running_operator, wait_until
+from support.rbac import rule_of
 from tokensync.devkit.kube import ClusterEmulator, cluster_in_thread, read_crds
 
 CLUSTERROLE = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "clusterrole.yaml"
-DISCOVERY = re.compile(r"^/(version|api(/v1)?|apis(/[^/]+(/[^/]+)?)?)/?$")
 
 
 @attrs.define(kw_only=True)
@@ -37,32 +35,6 @@ class RecordingEmulator(ClusterEmulator):
         if agent.startswith(("kopf/", "tokensync/")):
             self.recorded.append((agent.split("/")[0], raw_request.method, str(raw_request.rel_url)))
         return await super().__call__(raw_request)
-
-
-def rbac_of(method: str, url: str) -> tuple[str, str, str] | None:
-    """(apiGroup, resource, verb) of one request, or None for discovery."""
-    parts = urlsplit(url)
-    if DISCOVERY.match(parts.path):
-        return None
-    segments = parts.path.strip("/").split("/")
-    if segments[0] == "api":
-        group, rest = "", segments[2:]
-    else:
-        group, rest = segments[1], segments[3:]
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]  # a namespaced resource: drop "namespaces/<ns>"
-    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
-    if sub:
-        resource = f"{resource}/{sub}"
-    watching = parse_qs(parts.query).get("watch", ["false"])[0] in ("true", "1")
-    verb = {
-        "GET": "watch" if watching else ("get" if name else "list"),
-        "POST": "create",
-        "PUT": "update",
-        "PATCH": "patch",
-        "DELETE": "delete" if name else "deletecollection",
-    }[method]
-    return group, resource, verb
 
 
 def granted() -> set[tuple[str, str, str]]:
@@ -104,7 +76,7 @@ def test_the_cluster_role_grants_exactly_what_the_operator_uses(idp):
             cluster.apply_credential("bad", {**spec, "grant": {**spec["grant"], "clientID": "nobody"}})
             wait_until(lambda: (cluster.condition("bad") or {}).get("reason") == "InvalidClient", what="bad")
             cluster.delete_credential("api")
-    used = {rbac for _, method, url in emulator.recorded if (rbac := rbac_of(method, url)) is not None}
+    used = {rbac for _, method, url in emulator.recorded if (rbac := rule_of(method, url)) is not None}
     assert {agent for agent, _, _ in emulator.recorded} == {"kopf", "tokensync"}
     missing = used - granted()
     unused = granted() - used
@@ -132,4 +104,4 @@ def test_the_cluster_role_grants_exactly_what_the_operator_uses(idp):
     ],
 )
 def test_requests_map_to_rbac_rules(method, url, expected):
-    assert rbac_of(method, url) == expected
+    assert rule_of(method, url) == expected

@@ -29,7 +29,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jsonschema
@@ -37,6 +36,7 @@ import kubernetes.client
 import pytest
 import yaml
 
+from support.rbac import rule_of
 from tokensync.controller.kube import KubeClient
 from tokensync.controller.templates import compile_template, render_templates
 from tokensync.models.credential import ClientAuthMethod, GrantType, OAuthCredential
@@ -578,30 +578,14 @@ def test_clusterrole_rules():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tokensync", "namespace": NAMESPACE}]
 
 
-def _rbac_rule(method: str, url: httpx.URL) -> Rule:
-    """The RBAC (group, resource, verb) a request needs, from its REST path."""
-    parts = url.path.strip("/").split("/")
-    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]
-    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
-    watching = parse_qs(urlsplit(str(url)).query).get("watch") == ["true"]
-    verb = {
-        "GET": "watch" if watching else ("get" if name else "list"),
-        "POST": "create",
-        "PUT": "update",
-        "PATCH": "patch",
-        "DELETE": "delete" if name else "deletecollection",
-    }[method]
-    return group, f"{resource}/{sub}" if sub else resource, verb
-
-
 def test_kube_client_calls_are_exactly_the_controller_rules():
     """Every method of KubeClient, called against a recording transport."""
     seen: set[Rule] = set()
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.add(_rbac_rule(request.method, request.url))
+        rule = rule_of(request.method, str(request.url))
+        assert rule is not None
+        seen.add(rule)
         body: Obj = {"items": [], "metadata": {}} if request.method == "GET" else {"metadata": {"name": "x"}}
         return httpx.Response(200, json=body)
 
