@@ -35,7 +35,7 @@ import hashlib
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -314,7 +314,6 @@ class Controller:
         http: httpx.AsyncClient | None = None,
         redis_store_factory: StoreFactory | None = None,
         clock: Callable[[], datetime] = utcnow,
-        on_renewed: Callable[[Key, TokenSet], Awaitable[None] | None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.kube = kube
@@ -326,7 +325,6 @@ class Controller:
         self._ca_clients: dict[str, httpx.AsyncClient] = {}
         self._redis_store_factory = redis_store_factory
         self._clock = clock
-        self._on_renewed = on_renewed
         self._entries: dict[Key, Entry] = {}
         self._sources: dict[Key, set[Key]] = {}
         self._discovery = DiscoveryCache(ttl=settings.discovery_ttl)
@@ -435,12 +433,6 @@ class Controller:
                     entry.inputs_changes += 1
                     self.scheduler.run_now(key)
 
-    def request_refresh(self, key: Key) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.inputs_changes += 1
-            self.scheduler.run_now(key)
-
     def _forget(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
         self.scheduler.cancel(key)
@@ -473,11 +465,7 @@ class Controller:
             self._sources.get(source, set()).discard(entry.key)
         sources: set[Key] = set()
         if entry.credential is not None:
-            spec = entry.credential.spec
-            refs = list(spec.grant.references().values())
-            if spec.issuer.ca_secret_ref is not None:
-                refs.append(spec.issuer.ca_secret_ref)
-            sources = {(entry.key[0], ref.name) for ref in refs}
+            sources = {(entry.key[0], ref.name) for ref in spec_references(entry.credential.spec).values()}
         for source in sources:
             self._sources.setdefault(source, set()).add(entry.key)
         entry.sources = frozenset(sources)
@@ -571,10 +559,6 @@ class Controller:
         self.metrics.credential_ok(entry.key, token_set.expires_at.timestamp() if token_set.expires_at else None)
         if renewed:
             self.metrics.renewed()
-        if renewed and self._on_renewed is not None:
-            result = self._on_renewed(entry.key, token_set)
-            if result is not None:
-                await result
         self.scheduler.schedule(entry.key, next_at.timestamp())
 
     # -- pieces -----------------------------------------------------------------------
