@@ -240,6 +240,10 @@ class IdpProcess:
     ) -> int:
         return self.admin.token_request_count(client_id, grant_type, status)
 
+    def refresh_token_reuse_count(self, client_id: str | None = None) -> int:
+        """Presentations of already-rotated or revoked refresh tokens (spent twice)."""
+        return self.admin.refresh_token_reuse_count(client_id)
+
     def reset_counters(self) -> None:
         self.admin.reset_counters()
 

@@ -72,6 +72,15 @@ class IdpAdmin:
             and (status is None or row["status"] == status)
         )
 
+    def refresh_token_reuse_count(self, client_id: str | None = None) -> int:
+        """Presentations of a refresh token that was already rotated away or revoked.
+
+        Each one is a refresh token spent twice; with reuse protection on (the default)
+        the IdP answered it by revoking the whole token family.
+        """
+        rows = cast(list[dict[str, Any]], self._call("GET", "counters")["refresh_token_reuse"])
+        return sum(int(row["count"]) for row in rows if client_id is None or row["client_id"] == client_id)
+
     def reset_counters(self) -> None:
         self._call("POST", "counters/reset")
 

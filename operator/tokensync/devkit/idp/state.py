@@ -71,6 +71,10 @@ class IdpState:
     assertion_audiences: tuple[str, ...] = ()
     replay_cache: ReplayCache = field(default_factory=ReplayCache)
     _counts: Counter[CountKey] = field(default_factory=Counter)
+    #: Presentations of a refresh token that was already revoked or rotated away,
+    #: per client: a client that spends a refresh token twice (what reuse protection
+    #: punishes by revoking the whole token family).
+    _reused: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def load(self, config: IdpConfig, extra_clients: Iterable[ClientConfig] = ()) -> None:
@@ -104,9 +108,20 @@ class IdpState:
         with self._lock:
             return dict(self._counts)
 
+    def count_reuse(self, client_id: str) -> None:
+        """Count one presentation of an already-spent refresh token."""
+        with self._lock:
+            self._reused[client_id] += 1
+
+    def reuse_counts(self) -> dict[str, int]:
+        """A snapshot of the spent-refresh-token presentations, per client."""
+        with self._lock:
+            return dict(self._reused)
+
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._reused.clear()
 
 
 #: The one IdP state of this process.

@@ -117,19 +117,21 @@ def revoke_client_tokens(request: HttpRequest, body: dict[str, Any], client_id: 
 
 @_admin_only("GET")
 def counters(request: HttpRequest, body: dict[str, Any]) -> HttpResponse:
-    """Token-endpoint requests served so far, one row per (client_id, grant_type, status)."""
+    """Token-endpoint requests served so far, one row per (client_id, grant_type, status),
+    and presentations of already-spent refresh tokens, one row per client."""
     rows = [
         {"client_id": key.client_id, "grant_type": key.grant_type, "status": key.status, "count": count}
         for key, count in sorted(STATE.counts().items(), key=lambda item: repr(item[0]))
     ]
-    return JsonResponse({"token_requests": rows})
+    reused = [{"client_id": client_id, "count": count} for client_id, count in sorted(STATE.reuse_counts().items())]
+    return JsonResponse({"token_requests": rows, "refresh_token_reuse": reused})
 
 
 @_admin_only("POST")
 def reset_counters(request: HttpRequest, body: dict[str, Any]) -> HttpResponse:
-    """Zero the token-request counters (a test's baseline)."""
+    """Zero the counters (a test's baseline)."""
     STATE.reset_counts()
-    return JsonResponse({"token_requests": []})
+    return JsonResponse({"token_requests": [], "refresh_token_reuse": []})
 
 
 urlpatterns = [

@@ -27,12 +27,14 @@ Django is imported at module level: this module is loaded by DOT after setup onl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any, cast
 
 import jwt
 import pyotp
+from oauth2_provider.models import get_refresh_token_model
 from oauth2_provider.oauth2_validators import OAuth2Validator
 
 from tokensync.devkit.idp.config import AuthMethod, jwt_algorithm_for
@@ -147,6 +149,19 @@ class TokensyncValidator(OAuth2Validator):  # type: ignore[misc]  # DOT ships no
         if policy is None:
             return bool(super().validate_grant_type(client_id, grant_type, client, request, *args, **kwargs))
         return grant_type in policy.grant_types
+
+    def validate_refresh_token(self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
+        """DOT's check, after counting a presentation of an already-spent refresh token.
+
+        A refresh token whose every row is revoked was rotated away (or revoked): the
+        client spends it a second time. Tests count these ("refresh tokens spent twice");
+        DOT then applies reuse protection as usual.
+        """
+        checksum = hashlib.sha256(refresh_token.encode("utf-8")).hexdigest()
+        rows = list(get_refresh_token_model().objects.filter(token_checksum=checksum).values_list("revoked", flat=True))
+        if rows and all(revoked is not None for revoked in rows):
+            STATE.count_reuse(str(getattr(client, "client_id", "") or ""))
+        return bool(super().validate_refresh_token(refresh_token, client, request, *args, **kwargs))
 
     def save_bearer_token(self, token: dict[str, Any], request: Any, *args: Any, **kwargs: Any) -> Any:
         """Withhold refresh tokens from clients not registered for the refresh_token grant.
