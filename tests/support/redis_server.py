@@ -6,7 +6,10 @@ Real rather than faked because the Redis store's promises are about Redis itself
 error), and a fake would only test our idea of Redis.
 
 ``stop()`` / ``start()`` keep the port, so that a test can take the server away
-under a client and bring it back at the same address.
+under a client and bring it back at the same address; ``kill()`` does it with
+SIGKILL (a crash: no clean shutdown). ``persistent=True`` keeps the data across
+both in an append-only file fsynced on every write, as a Redis that holds
+credentials should be configured; the default keeps nothing on disk.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, executable: str, directory: Path, *, port: int | None = None) -> None:
+    def __init__(self, executable: str, directory: Path, *, port: int | None = None, persistent: bool = False) -> None:
         self.executable = executable
+        self.persistent = persistent
         self.directory = directory
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
@@ -62,7 +66,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "always",
             "--dir", str(self.directory),
             "--daemonize", "no",
             "--logfile", str(self._log),
@@ -90,6 +95,14 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, mid-command if one is running. ``start()`` brings it back."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait(10)
 
     def ping(self) -> bool:
         # A raw RESP PING: no client library, so no client-side retries or pools in the way.

@@ -1,0 +1,73 @@
+"""The fault suite: fixtures, and one summary line per scenario at the end of the run.
+
+Every scenario records a :class:`support.faults.Counts` (whether it passes or not) and
+asserts its own counts are 0; the summary printed after the test run shows them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from support import leaks
+from support.faults import Counts, OperatorProcesses, operator_processes
+
+_RESULTS: list[Counts] = []
+
+
+@pytest.fixture
+def counts(request: pytest.FixtureRequest) -> Iterator[Counts]:
+    """This scenario's figures; named by the test's ``SCENARIO`` marker-free docstring title.
+
+    Also watches this process's log records (the emulator, an in-process operator, the
+    proxy) for secrets and adds hits to ``leaked``.
+    """
+    doc = (request.function.__doc__ or request.node.name).strip().splitlines()[0].rstrip(".")
+    result = Counts(scenario=doc)
+    watch = leaks.LeakWatch()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    started = time.monotonic()
+    try:
+        yield result
+    finally:
+        root.removeHandler(watch)
+        result.seconds = time.monotonic() - started
+        _RESULTS.append(result)
+    # Records of this process carrying a secret; the suite-wide check fails the test too.
+    hits = leaks.scan_records(watch.take())
+    if hits:
+        result.leaked += len(hits)
+        result.details.extend(sorted(set(hits))[:5])
+
+
+@pytest.fixture(scope="session")
+def operators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcesses]:
+    """Forks real operator processes (``spawn``/``kill``/``terminate`` by pid)."""
+    with operator_processes(tmp_path_factory.mktemp("operators")) as processes:
+        yield processes
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _RESULTS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("fault injection summary")
+    for result in _RESULTS:
+        write(result.line())
+        if terminalreporter.verbosity > 0:  # -v: what each scenario did
+            for detail in result.details:
+                write(f"    {detail}")
+    total = Counts(
+        scenario="TOTAL",
+        faults=sum(r.faults for r in _RESULTS),
+        lost=sum(r.lost for r in _RESULTS),
+        expired=sum(r.expired for r in _RESULTS),
+        spent_twice=sum(r.spent_twice for r in _RESULTS),
+        leaked=sum(r.leaked for r in _RESULTS),
+        seconds=sum(r.seconds for r in _RESULTS),
+    )
+    write(total.line())

@@ -1,0 +1,676 @@
+"""Fault-injection tools for tests/faults: what breaks, and what counts as harm.
+
+* :class:`FaultProxy`: an HTTP proxy in front of the real IdP, on a free loopback port,
+  with switchable faults (5xx / 429 with headers, garbage bodies, connection resets,
+  lost responses: the IdP processed the request but the reply never arrives). It
+  timestamps every request, counts refresh tokens forwarded more than once, and
+  registers every token it sees with the leak detector.
+* :class:`SecretSampler`: reads target Secrets every ~150 ms, as a pod would, and
+  counts samples where a Secret held an expired token (expiry from IdP introspection,
+  taken once per token) outside an explicitly allowed tolerance.
+* :class:`OperatorProcesses`: the unmodified operator as separate processes (forked
+  from ``tests/faults/operator_process.py``), to SIGKILL and restart.
+* :class:`Counts`: the per-scenario figures the fault suite prints at the end.
+* :func:`scan_for_leaks`: known secret values in operator logs, Events, CR status.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from support import leaks
+
+__all__ = [
+    "RT_ONLY_CLIENT",
+    "Counts",
+    "FaultProxy",
+    "OperatorProcesses",
+    "ProxiedRequest",
+    "SecretSampler",
+    "bootstrap_refresh_token",
+    "credential_world",
+    "merge_patch",
+    "request_refresh",
+    "scan_for_leaks",
+    "valid_token_problems",
+]
+
+OPERATOR_SCRIPT = Path(__file__).resolve().parents[1] / "faults" / "operator_process.py"
+
+
+# -- what a scenario reports ---------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """One scenario's figures. Everything but ``faults`` must end at 0."""
+
+    scenario: str
+    faults: int = 0
+    lost: int = 0
+    expired: int = 0
+    spent_twice: int = 0
+    leaked: int = 0
+    seconds: float = 0.0
+    details: list[str] = field(default_factory=list)
+    #: Failed expectations about user-visible behaviour other than the counts.
+    failures: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"{self.scenario:<48} faults injected {self.faults:>4}  credentials lost {self.lost}  "
+            f"expired tokens served {self.expired}  refresh tokens spent twice {self.spent_twice}  "
+            f"secrets leaked {self.leaked}  ({self.seconds:.0f} s)"
+        )
+
+    def check(self, ok: bool, message: str) -> bool:
+        """Record a failed expectation (asserted by :meth:`assert_clean`), keep going."""
+        if not ok:
+            self.failures.append(message)
+        return ok
+
+    def assert_clean(self) -> None:
+        problems = [
+            f"{name} = {value}"
+            for name, value in (
+                ("credentials lost", self.lost),
+                ("expired tokens served", self.expired),
+                ("refresh tokens spent twice", self.spent_twice),
+                ("secrets leaked", self.leaked),
+            )
+            if value
+        ]
+        assert self.faults > 0, f"{self.scenario}: no fault was injected, so nothing was tested"
+        assert not problems and not self.failures, (
+            f"{self.scenario}: " + "; ".join(problems + self.failures) + "\ndetails:\n  " + "\n  ".join(self.details)
+        )
+
+
+# -- the fault-injecting proxy -------------------------------------------------------------
+
+PASS = "pass"
+STATUS = "status"  # answer with a status code, headers and body of the test's choice
+GARBAGE = "garbage"  # 200 with a body that is not a token response
+RESET = "reset"  # read the request, then reset the connection (TCP RST)
+LOSE = "lose"  # forward, let the IdP answer, then reset: the response is lost
+MODES = (PASS, STATUS, GARBAGE, RESET, LOSE)
+
+
+@dataclass
+class ProxiedRequest:
+    at: float
+    method: str
+    path: str
+    client_id: str
+    grant_type: str
+    form: dict[str, str] = field(repr=False)
+    fault: str | None = None
+    status: int | None = None  # what the operator received; None: a reset
+    forwarded: bool = False  # the IdP saw it
+    done_at: float | None = None
+
+
+@dataclass
+class _Fault:
+    mode: str
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    match: Callable[[ProxiedRequest], bool] | None = None
+    limit: int | None = None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    proxy: FaultProxy
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # resets are the point; a failed write to a reset socket is not news
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.server.proxy._serve(self)
+
+    def do_GET(self) -> None:
+        self.server.proxy._serve(self)
+
+
+def _client_id(headers: Any, form: dict[str, str]) -> str:
+    scheme, _, credentials = str(headers.get("Authorization", "")).partition(" ")
+    if scheme == "Basic":
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(credentials).decode().partition(":")[0]
+    return form.get("client_id", "")
+
+
+def _reset(handler: BaseHTTPRequestHandler) -> None:
+    """Close with SO_LINGER 0: the peer sees a connection reset, not a clean close."""
+    handler.close_connection = True
+    with contextlib.suppress(OSError):
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()
+
+
+class FaultProxy:
+    """``http://127.0.0.1:PORT`` forwarding to ``upstream`` unless a fault is set.
+
+    ``set_fault(mode, ...)`` applies to requests that ``match`` (default: token
+    requests), at most ``limit`` times, then the proxy passes again. Hooks:
+    ``on_request(record)`` runs when a request arrives (before the fault), and
+    ``on_response(record)`` after the IdP answered and before the operator hears.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.requests: list[ProxiedRequest] = []
+        self.faults = 0
+        #: Requests the proxy had to reset because the IdP did not accept the connection.
+        self.upstream_failures = 0
+        self.faults_by_mode: Counter[str] = Counter()
+        self.refresh_tokens_forwarded: Counter[str] = Counter()
+        self.on_request: Callable[[ProxiedRequest], None] | None = None
+        self.on_response: Callable[[ProxiedRequest], None] | None = None
+        self._fault = _Fault(PASS)
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.proxy = self
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/o/token/"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- faults ---------------------------------------------------------------------------
+    def set_fault(
+        self,
+        mode: str,
+        *,
+        status: int = 503,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        match: Callable[[ProxiedRequest], bool] | None = None,
+        limit: int | None = None,
+    ) -> None:
+        assert mode in MODES, mode
+        with self._lock:
+            self._fault = _Fault(mode, status, dict(headers or {}), body, match, limit)
+
+    def passthrough(self) -> None:
+        self.set_fault(PASS)
+
+    def _take(self, record: ProxiedRequest) -> _Fault | None:
+        with self._lock:
+            fault = self._fault
+            if fault.mode == PASS or not record.path.endswith("/token/"):
+                return None
+            if fault.match is not None and not fault.match(record):
+                return None
+            if fault.limit is not None:
+                if fault.limit <= 0:
+                    return None
+                fault.limit -= 1
+            self.faults += 1
+            self.faults_by_mode[fault.mode] += 1
+            record.fault = fault.mode
+            return fault
+
+    # -- figures ----------------------------------------------------------------------------
+    def token_requests(self, client_id: str | None = None, since: float = 0.0) -> list[ProxiedRequest]:
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if r.path.endswith("/token/") and r.at >= since and (client_id is None or r.client_id == client_id)
+            ]
+
+    def in_flight(self, client_id: str) -> bool:
+        with self._lock:
+            return any(r.client_id == client_id and r.done_at is None for r in self.requests)
+
+    def last_done(self, client_id: str) -> float:
+        with self._lock:
+            return max((r.done_at or 0.0 for r in self.requests if r.client_id == client_id), default=0.0)
+
+    @property
+    def refresh_tokens_spent_twice(self) -> int:
+        """Refresh tokens the IdP was sent more than once (each extra send counts)."""
+        with self._lock:
+            return sum(n - 1 for n in self.refresh_tokens_forwarded.values() if n > 1)
+
+    # -- serving ----------------------------------------------------------------------------
+    def _serve(self, handler: _Handler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        form = dict(parse_qsl(body.decode(errors="replace"))) if body else {}
+        leaks.register(*(form.get(k) for k in ("refresh_token", "password", "client_secret")))
+        record = ProxiedRequest(
+            at=time.time(),
+            method=handler.command,
+            path=handler.path.split("?", 1)[0],
+            client_id=_client_id(handler.headers, form),
+            grant_type=form.get("grant_type", ""),
+            form=form,
+        )
+        with self._lock:
+            self.requests.append(record)
+        try:
+            if self.on_request is not None:
+                self.on_request(record)
+            fault = self._take(record)
+            if fault is not None and fault.mode == RESET:
+                _reset(handler)
+                return
+            if fault is not None and fault.mode in (STATUS, GARBAGE):
+                status = fault.status if fault.mode == STATUS else 200
+                payload = fault.body or (b"<html>upstream exploded" if fault.mode == GARBAGE else b"")
+                content_type = "application/json" if fault.mode == GARBAGE else "text/plain"
+                self._respond(handler, status, {"Content-Type": content_type, **fault.headers}, payload)
+                record.status = status
+                return
+            try:
+                status, headers, payload = self._forward(handler, record, body)
+            except OSError:
+                with self._lock:
+                    self.upstream_failures += 1
+                _reset(handler)  # the IdP is down: so is the proxy, as a load balancer would be
+                return
+            self._register_tokens(payload)
+            if self.on_response is not None:
+                self.on_response(record)
+            if fault is not None and fault.mode == LOSE:
+                _reset(handler)
+                return
+            self._respond(handler, status, headers, payload)
+            record.status = status
+        finally:
+            record.done_at = time.time()
+
+    def _forward(self, handler: _Handler, record: ProxiedRequest, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
+        try:
+            skip = {"host", "connection", "keep-alive", "content-length", "transfer-encoding"}
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in skip}
+            connection.request(handler.command, handler.path, body=body, headers=headers)
+            token = record.form.get("refresh_token")
+            if record.grant_type == "refresh_token" and token:
+                with self._lock:
+                    self.refresh_tokens_forwarded[token] += 1
+            record.forwarded = True
+            response = connection.getresponse()
+            payload = response.read()
+            keep = {"content-type", "cache-control", "pragma", "retry-after", "www-authenticate"}
+            return response.status, {k: v for k, v in response.getheaders() if k.lower() in keep}, payload
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _respond(handler: _Handler, status: int, headers: dict[str, str], payload: bytes) -> None:
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    @staticmethod
+    def _register_tokens(payload: bytes) -> None:
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            document = json.loads(payload)
+            leaks.register(*(document.get(k) for k in ("access_token", "refresh_token", "id_token")))
+
+
+# -- what pods see ----------------------------------------------------------------------
+
+
+@dataclass
+class _Token:
+    expires: float
+    first_seen: float
+    source: str
+
+
+class SecretSampler:
+    """Reads ``(api_url, namespace, name)`` Secrets every ``interval`` s from a thread.
+
+    Each access token's expiry comes from IdP introspection (``exp``, an integer
+    second, so +1 s) the first time it is seen; a token that is already inactive
+    then counts as expired from that moment; if the IdP cannot be asked, the
+    ``expires_at`` the operator wrote (rounded down, so +1 s) is used.
+    A sample is *expired* when its token's expiry has passed and ``tolerated(t)`` is
+    false for the sample time t (default: never tolerated).
+    """
+
+    def __init__(
+        self,
+        secrets: Iterable[tuple[str, str, str]],
+        *,
+        introspect: Callable[[str], dict[str, Any]] | None = None,
+        tolerated: Callable[[float], bool] | None = None,
+        interval: float = 0.15,
+    ) -> None:
+        self.secrets = list(secrets)
+        self.introspect = introspect
+        self.tolerated = tolerated or (lambda t: False)
+        self.interval = interval
+        self.samples = 0
+        self.expired_samples = 0
+        self.tolerated_samples = 0
+        self.violations: list[str] = []
+        self.tokens: dict[str, _Token] = {}
+        self.current: dict[tuple[str, str, str], str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="secret-sampler", daemon=True)
+
+    def __enter__(self) -> SecretSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def distinct_tokens(self, source: tuple[str, str, str] | None = None) -> int:
+        return sum(1 for t in self.tokens.values() if source is None or t.source == "/".join(source))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for source in self.secrets:
+                with contextlib.suppress(Exception):
+                    self._sample(source)
+
+    def _sample(self, source: tuple[str, str, str]) -> None:
+        url, namespace, name = source
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/namespaces/{namespace}/secrets/{name}", timeout=5) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return
+            raise
+        now = time.time()
+        data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        token = data.get("access_token")
+        if not token:
+            return
+        self.current[source] = token
+        self.samples += 1
+        known = self.tokens.get(token)
+        if known is None:
+            leaks.register(token)
+            known = self.tokens[token] = _Token(self._expiry(token, data, now), now, "/".join(source))
+        if known.expires <= now:
+            if self.tolerated(now):
+                self.tolerated_samples += 1
+            else:
+                self.expired_samples += 1
+                if len(self.violations) < 20:
+                    self.violations.append(
+                        f"{namespace}/{name} held a token expired {now - known.expires:.1f} s ago at {time.strftime('%H:%M:%S', time.localtime(now))}"
+                    )
+
+    def _expiry(self, token: str, data: dict[str, str], now: float) -> float:
+        if self.introspect is not None:
+            try:
+                answer = self.introspect(token)
+            except Exception:
+                answer = None
+            if answer is not None:
+                return float(answer["exp"]) + 1.0 if answer.get("active") and "exp" in answer else now
+        stamp = data.get("expires_at")
+        if stamp:
+            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone + 1.0
+        return float("inf")
+
+
+# -- the operator as processes ----------------------------------------------------------
+
+
+class OperatorProcesses:
+    """Forks operator processes from one pre-imported zygote (see operator_process.py)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.logs: list[Path] = []
+        self._zygote = subprocess.Popen(
+            [sys.executable, str(OPERATOR_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(directory / "zygote.log", "ab"),  # noqa: SIM115  (closed with the process)
+            text=True,
+            bufsize=1,
+        )
+        assert self._zygote.stdout is not None
+        ready = self._zygote.stdout.readline()
+        assert ready.strip() == '{"ready": true}', f"the operator zygote did not start: {ready!r}"
+
+    def spawn(self, server_url: str, settings: dict[str, Any], log_name: str) -> int:
+        assert self._zygote.stdin is not None and self._zygote.stdout is not None
+        log = self.directory / log_name
+        if log not in self.logs:
+            self.logs.append(log)
+        self._zygote.stdin.write(json.dumps({"log": str(log), "server_url": server_url, "settings": settings}) + "\n")
+        self._zygote.stdin.flush()
+        return int(json.loads(self._zygote.stdout.readline())["pid"])
+
+    @staticmethod
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie still answers signal 0; the zygote ignores SIGCHLD, so there are none.
+        return True
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while OperatorProcesses.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    @staticmethod
+    def terminate(pid: int, timeout: float = 10.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while OperatorProcesses.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        OperatorProcesses.kill(pid)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def close(self) -> None:
+        if self._zygote.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._zygote.stdin.close()
+        try:
+            self._zygote.wait(10)
+        except subprocess.TimeoutExpired:
+            self._zygote.kill()
+            self._zygote.wait()
+
+
+@contextlib.contextmanager
+def operator_processes(directory: Path) -> Iterator[OperatorProcesses]:
+    processes = OperatorProcesses(directory)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+# -- cluster helpers ----------------------------------------------------------------------
+
+
+def merge_patch(api_url: str, path: str, patch: dict[str, Any]) -> None:
+    """A JSON merge patch on a raw API path (no resourceVersion: never a conflict)."""
+    request = urllib.request.Request(
+        api_url + path,
+        data=json.dumps(patch).encode(),
+        method="PATCH",
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def request_refresh(api_url: str, namespace: str, name: str, stamp: str) -> None:
+    """``kubectl annotate ... tokensync.dev/refresh-requested-at=STAMP --overwrite``."""
+    merge_patch(
+        api_url,
+        f"/apis/tokensync.dev/v1alpha1/namespaces/{namespace}/oauthcredentials/{name}",
+        {"metadata": {"annotations": {"tokensync.dev/refresh-requested-at": stamp}}},
+    )
+
+
+def scan_for_leaks(texts: dict[str, str]) -> list[str]:
+    """Known secrets in each named text (an operator log, a status dump): descriptions."""
+    return [f"{where} contains {hit}" for where, text in texts.items() for hit in sorted(set(leaks.find(text)))]
+
+
+# -- a world of credentials: one per grant, rotating refresh tokens --------------------------
+
+#: The client of refresh_token-only credentials (bootstrap token from a one-off login);
+#: password credentials use ``public-client`` and client_credentials ``cc-client``, so the
+#: proxy can tell the three apart by client id.
+RT_ONLY_CLIENT = "pw-client"
+PASSWORD_CLIENT = "public-client"
+CC_CLIENT = "cc-client"
+
+
+def bootstrap_refresh_token(idp: Any) -> str:
+    """A fresh refresh token of ``pw-client`` for alice, as a human's one-off login gets it."""
+    import httpx
+
+    response = httpx.post(
+        idp.token_url,
+        data={"grant_type": "password", "username": "alice", "password": idp.password("alice")},
+        auth=(RT_ONLY_CLIENT, idp.client_secret(RT_ONLY_CLIENT)),
+        timeout=10,
+    )
+    response.raise_for_status()
+    token = str(response.json()["refresh_token"])
+    leaks.register(token)
+    return token
+
+
+def credential_world(
+    cluster: Any,
+    idp: Any,
+    token_url: str,
+    *,
+    cc: int = 1,
+    password: int = 1,
+    refresh_token: int = 1,
+    refresh: dict[str, Any] | None = None,
+    store: dict[str, Any] | None = None,
+    prefix: str = "",
+    bootstraps: dict[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Source Secrets in ``cluster`` and the specs of ``cc`` client_credentials, ``password``
+    (rotating refresh token) and ``refresh_token``-only credentials, by name.
+
+    ``bootstraps`` (name -> token) reuses bootstrap refresh tokens instead of minting new ones.
+    """
+    cluster.apply_secret("cc-src", {"secret": idp.client_secret(CC_CLIENT)})
+    cluster.apply_secret("pw-src", {"secret": idp.client_secret(RT_ONLY_CLIENT)})
+    cluster.apply_secret("alice-src", {"username": "alice", "password": idp.password("alice")})
+    issuer = {"tokenURL": token_url}
+    extra: dict[str, Any] = {}
+    if refresh:
+        extra["refresh"] = refresh
+    if store:
+        extra["store"] = store
+    specs: dict[str, dict[str, Any]] = {}
+    for i in range(cc):
+        specs[f"{prefix}cc-{i}"] = {
+            "issuer": issuer,
+            "grant": {"type": "client_credentials", "clientID": CC_CLIENT,
+                      "clientSecretRef": {"name": "cc-src", "key": "secret"}},
+            **extra,
+        }  # fmt: skip
+    for i in range(password):
+        specs[f"{prefix}pw-{i}"] = {
+            "issuer": issuer,
+            "grant": {"type": "password", "clientID": PASSWORD_CLIENT, "clientAuthMethod": "none",
+                      "usernameRef": {"name": "alice-src", "key": "username"},
+                      "passwordRef": {"name": "alice-src", "key": "password"}},
+            **extra,
+        }  # fmt: skip
+    for i in range(refresh_token):
+        name = f"{prefix}rt-{i}"
+        token = (bootstraps or {}).get(name) or bootstrap_refresh_token(idp)
+        cluster.apply_secret(f"{name}-bootstrap", {"token": token})
+        specs[name] = {
+            "issuer": issuer,
+            "grant": {"type": "refresh_token", "clientID": RT_ONLY_CLIENT,
+                      "clientSecretRef": {"name": "pw-src", "key": "secret"},
+                      "refreshTokenRef": {"name": f"{name}-bootstrap", "key": "token"}},
+            **extra,
+        }  # fmt: skip
+    return specs
+
+
+def valid_token_problems(cluster: Any, idp: Any, names: Iterable[str]) -> list[str]:
+    """Why each named credential is not Ready with an active token in its Secret (empty: all fine)."""
+    problems = []
+    for name in names:
+        condition = cluster.condition(name) or {}
+        if condition.get("status") != "True":
+            problems.append(f"{name} not Ready: {condition.get('reason')}: {condition.get('message', '')[:200]}")
+            continue
+        data = cluster.secret_data(name) or {}
+        token = data.get("access_token")
+        if not token or not idp.introspect(token).get("active"):
+            problems.append(f"{name} Ready but its Secret holds no active token")
+    return problems
