@@ -9,20 +9,24 @@ gathers the public names.
 
 from __future__ import annotations
 
-from tokensync.stores.base import AsyncCredentialStore, CredentialStore, StoreError
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, CredentialStore, StoreConflictError, StoreError
 from tokensync.stores.file import FileStore
 from tokensync.stores.keyring import KeyringStore
-from tokensync.stores.memory import AsyncMemoryStore, MemoryStore
-from tokensync.stores.redis import AsyncRedisStore, RedisStore
+from tokensync.stores.memory import AsyncMemoryLease, AsyncMemoryStore, MemoryStore
+from tokensync.stores.redis import AsyncRedisLease, AsyncRedisStore, RedisStore
 
 __all__ = [
     "AsyncCredentialStore",
+    "AsyncLease",
+    "AsyncMemoryLease",
     "AsyncMemoryStore",
+    "AsyncRedisLease",
     "AsyncRedisStore",
     "CredentialStore",
     "FileStore",
     "KeyringStore",
     "MemoryStore",
     "RedisStore",
+    "StoreConflictError",
     "StoreError",
 ]

@@ -48,9 +48,11 @@ from typing import Generic, TypeVar
 
 __all__ = [
     "AsyncCredentialStore",
+    "AsyncLease",
     "CredentialStore",
     "Deserializer",
     "Serializer",
+    "StoreConflictError",
     "StoreError",
     "decode_or_none",
 ]
@@ -67,6 +69,15 @@ class StoreError(Exception):
 
     Messages name the store (a path, a key) and the kind of failure, never the
     payload; the original backend exception is chained for debugging.
+    """
+
+
+class StoreConflictError(StoreError):
+    """Someone else changed the stored value since this store last read or wrote it.
+
+    Only stores that compare and swap raise it (the Kubernetes Secret store always,
+    the Redis stores when asked to). The caller reloads: the other writer's value
+    is the truth now, and overwriting it would strand whoever relies on it.
     """
 
 
@@ -144,3 +155,36 @@ def decode_or_none(
             type(exc).__name__,
         )
         return None
+
+
+class AsyncLease(metaclass=abc.ABCMeta):
+    """
+    A per-credential lock across processes: an owner token and a time to live.
+
+    Why: a rotating refresh token may be presented once. Two processes holding
+    the same one (two operator replicas during a rolling update, two clusters on
+    one Redis) must not both present it, or the identity provider revokes the
+    whole token family. The holder of the lease refreshes; the others wait and
+    then read the winner's token set from the store.
+
+    Invariants every implementation keeps:
+
+    * ``acquire`` never waits: it answers at once whether ``owner`` holds the lease
+      now, for ``ttl`` seconds from now. A lease already held by the same owner is
+      renewed (a restarted process with the same identity takes its own lease back
+      instead of waiting out its dead predecessor).
+    * An expired lease is free: a holder that crashed blocks the others for at
+      most ``ttl``.
+    * ``release`` frees the lease only if ``owner`` still holds it; releasing a
+      lease that expired and was taken by someone else is a no-op, never a theft.
+    * Failures to reach the backend are :class:`StoreError`, as for stores: the
+      caller must tell "someone else holds it" (``False``) from "cannot know".
+    """
+
+    @abc.abstractmethod
+    async def acquire(self, *, owner: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def release(self, *, owner: str) -> None:
+        raise NotImplementedError

@@ -12,6 +12,11 @@ Beyond the :mod:`tokensync.stores.base` contract:
   otherwise :class:`StoreConflictError`. Two writers holding different refresh
   tokens must not silently overwrite each other: the loser would keep using a
   token set that is no longer stored anywhere.
+* The store is also its own :class:`~tokensync.stores.base.AsyncLease`: the lease
+  is an annotation on the same Secret (owner and expiry), taken by the same
+  compare-and-swap. A save writes the Secret without it, so the write that stores
+  the new token set also releases the lease: one API write for the lock, none
+  for the unlock, and no separate Lease object (nor RBAC for one).
 * The Secret carries the labels, annotations and owner references the caller
   gives, so that it is found by a labelled LIST and garbage-collected with its
   owner.
@@ -20,11 +25,21 @@ Beyond the :mod:`tokensync.stores.base` contract:
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
-from tokensync.stores.base import AsyncCredentialStore, Deserializer, Serializer, StoreError, decode_or_none
+from tokensync.stores.base import (
+    AsyncCredentialStore,
+    AsyncLease,
+    Deserializer,
+    Serializer,
+    StoreConflictError,
+    StoreError,
+    decode_or_none,
+)
 
 __all__ = [
     "ApiConflictError",
@@ -56,10 +71,6 @@ class ApiConflictError(ApiError):
     """HTTP 409: ``AlreadyExists`` on create, ``Conflict`` on a stale resourceVersion."""
 
 
-class StoreConflictError(StoreError):
-    """Someone else changed the stored value since this store last saw it."""
-
-
 class SecretsAPI(Protocol):
     """The Secret operations a store needs; implementations raise :class:`ApiError` subclasses."""
 
@@ -69,8 +80,11 @@ class SecretsAPI(Protocol):
     async def delete_secret(self, namespace: str, name: str) -> None: ...
 
 
-class KubernetesSecretStore(AsyncCredentialStore[T]):
-    """One value in one key of one Secret."""
+LEASE_ANNOTATION = "tokensync.dev/lease"
+
+
+class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
+    """One value in one key of one Secret, and the lease that guards it."""
 
     def __init__(
         self,
@@ -84,6 +98,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T]):
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
         owner_references: list[dict[str, Any]] | None = None,
+        clock: Any = time.time,
     ) -> None:
         self._api = api
         self.namespace = namespace
@@ -95,6 +110,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T]):
         self._annotations = dict(annotations or {})
         self._owners = list(owner_references or [])
         self._version: str | None = None
+        self._clock = clock
 
     @property
     def where(self) -> str:
@@ -119,9 +135,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T]):
             return None
         return decode_or_none(self._deserialize, payload, logger=logger, where=self.where)
 
-    async def save(self, value: T) -> None:
-        payload = self._serialize(value)
-        raw = payload.encode() if isinstance(payload, str) else payload
+    def _body(self, data: dict[str, str], annotations: Mapping[str, str] = {}) -> dict[str, Any]:
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -129,13 +143,19 @@ class KubernetesSecretStore(AsyncCredentialStore[T]):
                 "name": self.name,
                 "namespace": self.namespace,
                 "labels": dict(self._labels),
-                "annotations": dict(self._annotations),
+                "annotations": {**self._annotations, **annotations},
             },
             "type": "Opaque",
-            "data": {self._key: base64.b64encode(raw).decode()},
+            "data": data,
         }
         if self._owners:
             body["metadata"]["ownerReferences"] = list(self._owners)
+        return body
+
+    async def save(self, value: T) -> None:
+        payload = self._serialize(value)
+        raw = payload.encode() if isinstance(payload, str) else payload
+        body = self._body({self._key: base64.b64encode(raw).decode()})
         try:
             if self._version is None:
                 try:
@@ -169,5 +189,61 @@ class KubernetesSecretStore(AsyncCredentialStore[T]):
             raise StoreError(f"cannot delete {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
         self._version = None
 
+    async def acquire(self, *, owner: str, ttl: float) -> bool:
+        try:
+            current = await self._api.read_secret(self.namespace, self.name)
+        except ApiError as exc:
+            raise StoreError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        holder = _lease_of(current)
+        now = self._clock()
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        lease = {LEASE_ANNOTATION: json.dumps({"owner": owner, "until": round(now + ttl, 3)})}
+        try:
+            if current is None:
+                written = await self._api.create_secret(self.namespace, self._body({}, lease))
+            else:
+                body = self._body(dict(current.get("data") or {}), lease)
+                body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
+                written = await self._api.replace_secret(self.namespace, self.name, body)
+        except (ApiConflictError, ApiNotFoundError):
+            return False  # someone wrote in between: they hold it, or changed what we would guard
+        except ApiError as exc:
+            raise StoreError(f"cannot lease {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        self._version = written.get("metadata", {}).get("resourceVersion")
+        return True
+
+    async def release(self, *, owner: str) -> None:
+        try:
+            current = await self._api.read_secret(self.namespace, self.name)
+        except ApiError as exc:
+            raise StoreError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        holder = _lease_of(current)
+        if current is None or holder is None or holder[0] != owner:
+            return  # a save already released it, or it expired and is someone else's
+        body = self._body(dict(current.get("data") or {}))
+        body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
+        try:
+            written = await self._api.replace_secret(self.namespace, self.name, body)
+        except (ApiConflictError, ApiNotFoundError):
+            return
+        except ApiError as exc:
+            raise StoreError(f"cannot release {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        self._version = written.get("metadata", {}).get("resourceVersion")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.where}, key={self._key!r})"
+
+
+def _lease_of(body: dict[str, Any] | None) -> tuple[str, float] | None:
+    """(owner, until) of the lease annotation; a damaged one counts as free."""
+    if body is None:
+        return None
+    text = ((body.get("metadata") or {}).get("annotations") or {}).get(LEASE_ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+        return str(value["owner"]), float(value["until"])
+    except (ValueError, KeyError, TypeError):
+        return None

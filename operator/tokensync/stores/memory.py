@@ -9,9 +9,11 @@ immutable values, which is why :class:`~tokensync.models.TokenSet` is frozen.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TypeVar
 
-from tokensync.stores.base import AsyncCredentialStore, CredentialStore
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, CredentialStore
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
 
@@ -67,3 +69,25 @@ class AsyncMemoryStore(AsyncCredentialStore[T]):
 
     async def clear(self) -> None:
         self._value = None
+
+
+class AsyncMemoryLease(AsyncLease):
+    """A lease within one process: for tests, and for library users with one process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._holder: tuple[str, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {'held' if self._holder else 'free'}>"
+
+    async def acquire(self, *, owner: str, ttl: float) -> bool:
+        now = self._clock()
+        if self._holder is not None and self._holder[0] != owner and self._holder[1] > now:
+            return False
+        self._holder = (owner, now + ttl)
+        return True
+
+    async def release(self, *, owner: str) -> None:
+        if self._holder is not None and self._holder[0] == owner:
+            self._holder = None

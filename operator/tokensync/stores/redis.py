@@ -14,6 +14,17 @@ is written would be a surprising way to say "unknown". Redis's ``EX`` takes
 whole seconds; fractions are rounded *up*, so that a short positive lifetime
 never becomes an immediate expiry.
 
+With ``compare_and_swap=True``, a save replaces the value only if it is still
+what this store last read or wrote (a Lua script compares and sets in one step,
+which Redis runs atomically); otherwise :class:`~tokensync.stores.base.StoreConflictError`.
+That is what several processes sharing rotating refresh tokens need: the loser of
+a race reads the winner's token set instead of overwriting it. It is off by
+default because a store that is only ever written by one process gains nothing.
+
+:class:`AsyncRedisLease` is the cross-process lock that goes with it: redis-py's
+own :class:`~redis.asyncio.lock.Lock` (``SET NX PX`` with an owner token, released
+by a compare-and-delete script), used without blocking.
+
 Redis failures of any kind (refused connections, timeouts, authentication,
 wrong key types) are :class:`~tokensync.stores.base.StoreError`: the caller must
 be able to tell "nothing stored" from "the store is down". The clients belong to
@@ -30,19 +41,46 @@ from typing import TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import LockNotOwnedError, RedisError
 
 from tokensync.models import TokenSet
 from tokensync.stores.base import (
     AsyncCredentialStore,
+    AsyncLease,
     CredentialStore,
     Deserializer,
     Serializer,
+    StoreConflictError,
     StoreError,
     decode_or_none,
 )
 
-__all__ = ["TTL", "AsyncRedisStore", "RedisStore"]
+__all__ = ["TTL", "AsyncRedisLease", "AsyncRedisStore", "RedisStore"]
+
+# KEYS[1]: the key. ARGV: expect-absent flag, expected payload, new payload, EX seconds ("" for none).
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if current then return 0 end
+elseif current ~= ARGV[2] then
+  return 0
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+_UNSEEN = object()
+
+
+def _cas_args(seen: object, payload: str | bytes, expiry: int | None) -> list[str | bytes]:
+    absent = seen is None or seen is _UNSEEN
+    expected: str | bytes = b"" if absent else seen  # type: ignore[assignment]
+    return ["1" if absent else "0", expected, payload, "" if expiry is None else str(expiry)]
+
 
 T = TypeVar("T")
 
@@ -61,12 +99,16 @@ class RedisStore(CredentialStore[T]):
         serialize: Serializer[T],
         deserialize: Deserializer[T],
         ttl_seconds: TTL[T] = None,
+        *,
+        compare_and_swap: bool = False,
     ) -> None:
         self._client = redis_client
         self._key = key
         self._serialize = serialize
         self._deserialize = deserialize
         self._ttl = ttl_seconds
+        self._cas = redis_client.register_script(_COMPARE_AND_SET) if compare_and_swap else None
+        self._seen: object = _UNSEEN
 
     @classmethod
     def for_tokens(cls, redis_client: redis.Redis, key: str, ttl_seconds: TTL[TokenSet] = None) -> RedisStore[TokenSet]:
@@ -84,6 +126,7 @@ class RedisStore(CredentialStore[T]):
     def load(self) -> T | None:
         with _failing(self._key, "read"):
             payload = self._client.get(self._key)
+        self._seen = payload
         if payload is None:
             return None
         return decode_or_none(self._deserialize, payload, logger=logger, where=repr(self))
@@ -91,12 +134,21 @@ class RedisStore(CredentialStore[T]):
     def save(self, value: T) -> None:
         payload = self._serialize(value)
         expiry = _expiry(self._ttl, value)
+        if self._cas is None:
+            with _failing(self._key, "write"):
+                self._client.set(self._key, payload, ex=expiry)
+            return
         with _failing(self._key, "write"):
-            self._client.set(self._key, payload, ex=expiry)
+            swapped = self._cas(keys=[self._key], args=_cas_args(self._seen, payload, expiry))
+        if not swapped:
+            self._seen = _UNSEEN
+            raise StoreConflictError(f"Redis key {self._key!r} changed since it was read; reload first")
+        self._seen = payload
 
     def clear(self) -> None:
         with _failing(self._key, "delete"):
             self._client.delete(self._key)
+        self._seen = None
 
 
 class AsyncRedisStore(AsyncCredentialStore[T]):
@@ -109,12 +161,16 @@ class AsyncRedisStore(AsyncCredentialStore[T]):
         serialize: Serializer[T],
         deserialize: Deserializer[T],
         ttl_seconds: TTL[T] = None,
+        *,
+        compare_and_swap: bool = False,
     ) -> None:
         self._client = redis_client
         self._key = key
         self._serialize = serialize
         self._deserialize = deserialize
         self._ttl = ttl_seconds
+        self._cas = redis_client.register_script(_COMPARE_AND_SET) if compare_and_swap else None
+        self._seen: object = _UNSEEN
 
     @classmethod
     def for_tokens(
@@ -133,6 +189,7 @@ class AsyncRedisStore(AsyncCredentialStore[T]):
     async def load(self) -> T | None:
         with _failing(self._key, "read"):
             payload = await self._client.get(self._key)
+        self._seen = payload
         if payload is None:
             return None
         return decode_or_none(self._deserialize, payload, logger=logger, where=repr(self))
@@ -140,12 +197,55 @@ class AsyncRedisStore(AsyncCredentialStore[T]):
     async def save(self, value: T) -> None:
         payload = self._serialize(value)
         expiry = _expiry(self._ttl, value)
+        if self._cas is None:
+            with _failing(self._key, "write"):
+                await self._client.set(self._key, payload, ex=expiry)
+            return
         with _failing(self._key, "write"):
-            await self._client.set(self._key, payload, ex=expiry)
+            swapped = await self._cas(keys=[self._key], args=_cas_args(self._seen, payload, expiry))
+        if not swapped:
+            self._seen = _UNSEEN
+            raise StoreConflictError(f"Redis key {self._key!r} changed since it was read; reload first")
+        self._seen = payload
 
     async def clear(self) -> None:
         with _failing(self._key, "delete"):
             await self._client.delete(self._key)
+        self._seen = None
+
+
+class AsyncRedisLease(AsyncLease):
+    """A lease in one Redis key, next to the store it protects (``<key>:lease`` by convention)."""
+
+    def __init__(self, redis_client: redis.asyncio.Redis, key: str) -> None:
+        self._client = redis_client
+        self._key = key
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(key={self._key!r})"
+
+    async def acquire(self, *, owner: str, ttl: float) -> bool:
+        lock = self._client.lock(self._key, timeout=ttl, blocking=False, thread_local=False)
+        with _failing(self._key, "acquire the lease"):
+            if await lock.acquire(token=owner):
+                return True
+            # Held already: by ourselves (a restart with the same identity) renews it.
+            lock.local.token = owner.encode()
+            try:
+                await lock.reacquire()
+            except LockNotOwnedError:
+                return False
+            return True
+
+    async def release(self, *, owner: str) -> None:
+        lock = self._client.lock(self._key, blocking=False, thread_local=False)
+        # LockNotOwned: expired and maybe taken by someone else, so not ours to free.
+        with _failing(self._key, "release the lease"), contextlib.suppress(LockNotOwnedError):
+            await lock.do_release(owner.encode())
 
 
 @contextlib.contextmanager
