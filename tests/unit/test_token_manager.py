@@ -18,6 +18,7 @@ from tokensync.auth import (
     ReauthenticationRequired,
     RefreshTokenAuth,
     ResponseLostError,
+    Superseded,
     TokenManager,
     TokenSet,
 )
@@ -317,3 +318,109 @@ def test_manager_repr_shows_no_secrets():
     tm.token()
     assert "test-secret" not in repr(tm)
     assert "access-1" not in repr(tm.token_set)
+
+
+# -- serving from memory while the store is down (the operator's choice) -------------------------
+
+
+def test_serve_unsaved_serves_the_new_token_and_keeps_retrying_the_save():
+    idp = FakeIdP(valid_refresh={"refresh-0"})
+    store = ListStore(expired(), fail_saves=True)
+    tm = manager(idp, store=store, serve_unsaved=True)
+    assert tm.authorization_header() == "Bearer access-1"
+    assert tm.pending_save and isinstance(tm.store_error, OSError)
+    assert tm.authorization_header() == "Bearer access-1"  # served again, not re-requested
+    store.fail_saves = False
+    assert tm.authorization_header() == "Bearer access-1"
+    assert not tm.pending_save and tm.store_error is None
+    assert store.value is not None and store.value.refresh_token is not None
+    assert store.value.refresh_token.get_secret_value() == "refresh-1"
+    assert len(idp.requests) == 1
+
+
+class UnreadableStore(ListStore):
+    def __init__(self, value):
+        super().__init__(value)
+        self.down = False
+
+    def load(self):
+        if self.down:
+            raise OSError("store down")
+        return self.value
+
+
+def test_serve_unsaved_refreshes_from_memory_when_the_store_cannot_be_read():
+    idp = FakeIdP(valid_refresh={"refresh-0", "refresh-1"})
+    store = UnreadableStore(expired())
+    tm = manager(idp, store=store, serve_unsaved=True)
+    tm.token()
+    store.down = store.fail_saves = True
+    renewed = tm.force_refresh()  # uses refresh-1, held in memory
+    assert renewed.access_token.get_secret_value() == "access-2"
+    assert [r.get("refresh_token") for r in idp.requests] == ["refresh-0", "refresh-1"]
+
+
+def test_without_serve_unsaved_an_unreadable_store_still_fails_loudly():
+    store = UnreadableStore(expired())
+    store.down = True
+    with pytest.raises(OSError, match="store down"):
+        manager(FakeIdP(), store=store).token()
+
+
+# -- another process won the race: adopt its token set ---------------------------------------------
+
+
+class RacingStore(ListStore):
+    """A compare-and-swap store whose first save loses to another process."""
+
+    def __init__(self, value, winner):
+        super().__init__(value)
+        self.winner = winner
+
+    def save(self, value):
+        if self.winner is not None:
+            winner, self.winner = self.winner, None
+            self.value = winner
+            raise Superseded(winner)
+        super().save(value)
+
+
+def winner_tokens() -> TokenSet:
+    return TokenSet(
+        access_token=SecretStr("winner-access"),
+        refresh_token=SecretStr("winner-refresh"),
+        issued_at=utcnow(),
+        expires_at=utcnow() + timedelta(hours=1),
+    )
+
+
+def test_a_superseded_save_serves_the_winners_token_set():
+    idp = FakeIdP(valid_refresh={"refresh-0"})
+    store = RacingStore(expired(), winner_tokens())
+    tm = manager(idp, store=store)
+    assert tm.authorization_header() == "Bearer winner-access"
+    assert tm.authorization_header() == "Bearer winner-access"
+    assert len(idp.requests) == 1
+    assert not tm.pending_save
+    # The next renewal continues the winner's chain, not the loser's.
+    idp.valid_refresh.add("winner-refresh")
+    tm.force_refresh()
+    assert idp.requests[-1].get("refresh_token") == "winner-refresh"
+
+
+async def test_async_superseded_save_serves_the_winners_token_set():
+    idp = FakeIdP(valid_refresh={"refresh-0"})
+    winner = winner_tokens()
+
+    class AsyncRacingStore(AsyncListStore):
+        async def save(self, value):  # type: ignore[override]
+            nonlocal winner
+            if winner is not None:
+                won, winner = winner, None
+                self.value = won
+                raise Superseded(won)
+            ListStore.save(self, value)
+
+    tm = async_manager(idp, store=AsyncRacingStore(expired()))
+    assert await tm.authorization_header() == "Bearer winner-access"
+    assert len(idp.requests) == 1

@@ -46,7 +46,7 @@ from tokensync.auth.errors import (
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
 )
-from tokensync.auth.manager import AsyncTokenManager, AsyncTokenStore, TokenManager, TokenStore
+from tokensync.auth.manager import AsyncTokenManager, AsyncTokenStore, Superseded, TokenManager, TokenStore
 from tokensync.auth.providers import (
     DEFAULT_CLIENT_ID,
     AuthProvider,
@@ -87,6 +87,7 @@ __all__ = [
     "RefreshTokenAuth",
     "ResponseLostError",
     "ServerUnavailableError",
+    "Superseded",
     "TokenError",
     "TokenManager",
     "TokenSet",

@@ -40,7 +40,7 @@ from tokensync.auth.flow import Persist, Post, Step, parse_token_response, renew
 from tokensync.auth.providers import AuthProvider
 from tokensync.models.tokens import TokenSet
 
-__all__ = ["AsyncTokenManager", "AsyncTokenStore", "TokenManager", "TokenStore"]
+__all__ = ["AsyncTokenManager", "AsyncTokenStore", "Superseded", "TokenManager", "TokenStore"]
 
 logger = logging.getLogger("tokensync.auth")
 
@@ -61,6 +61,18 @@ class AsyncTokenStore(Protocol):
     async def clear(self) -> None: ...
 
 
+class Superseded(Exception):
+    """Raised by a store's ``save``: another process stored a newer token set; use it instead.
+
+    The manager adopts :attr:`token_set` and returns it, and never retries its own:
+    the other process may already rely on the refresh token it stored.
+    """
+
+    def __init__(self, token_set: TokenSet) -> None:
+        super().__init__("another process stored a newer token set")
+        self.token_set = token_set
+
+
 def transport_error(exc: Exception) -> TokenError:
     """Classify an httpx failure by whether the request may have been processed."""
     name = type(exc).__name__
@@ -76,12 +88,16 @@ def transport_error(exc: Exception) -> TokenError:
 class _ManagerBase:
     """State and decisions common to both managers; no I/O here."""
 
-    def __init__(self, provider: AuthProvider, *, token_url: str, expiry_skew: float) -> None:
+    def __init__(self, provider: AuthProvider, *, token_url: str, expiry_skew: float, serve_unsaved: bool) -> None:
         if expiry_skew < 0:
             raise ValueError("expiry_skew must not be negative")
         self.provider = provider
         self.token_url = token_url
         self.expiry_skew = expiry_skew
+        self.serve_unsaved = serve_unsaved
+        # Why the last save or load failed (None once the store works again); only
+        # kept with serve_unsaved, where the failure is not raised to the caller.
+        self.store_error: Exception | None = None
         self._current: TokenSet | None = None
         # A token set the store refused: it is held in memory only, so it is not
         # served until a later save succeeds (the store must never be behind a
@@ -93,8 +109,28 @@ class _ManagerBase:
         """The token set held in memory, as is (no I/O, may be expired)."""
         return self._current
 
+    @property
+    def pending_save(self) -> bool:
+        """A token set is held in memory only, waiting for the store to take it."""
+        return self._unsaved is not None
+
     def _usable(self, token_set: TokenSet | None) -> bool:
-        return token_set is not None and self._unsaved is None and token_set.access_valid(self.expiry_skew)
+        return (
+            token_set is not None
+            and (self._unsaved is None or self.serve_unsaved)
+            and token_set.access_valid(self.expiry_skew)
+        )
+
+    def _store_failed(self, exc: Exception, action: str) -> None:
+        if not self.serve_unsaved or self._current is None:
+            raise exc
+        self.store_error = exc
+        logger.warning("the token store failed to %s (%s); serving the token set held in memory", action, exc)
+
+    def _superseded(self, signal: Superseded) -> TokenSet:
+        self._current, self._unsaved, self.store_error = signal.token_set, None, None
+        logger.info("another process stored a newer token set; using it")
+        return signal.token_set
 
     def _newest(self, stored: TokenSet | None) -> TokenSet | None:
         current = self._current
@@ -143,8 +179,9 @@ class TokenManager(_ManagerBase):
         token_url: str,
         store: TokenStore | None = None,
         expiry_skew: float = 30.0,
+        serve_unsaved: bool = False,
     ) -> None:
-        super().__init__(provider, token_url=token_url, expiry_skew=expiry_skew)
+        super().__init__(provider, token_url=token_url, expiry_skew=expiry_skew, serve_unsaved=serve_unsaved)
         self._http = http
         self._store = store
         self._lock = threading.Lock()
@@ -152,7 +189,7 @@ class TokenManager(_ManagerBase):
     def token(self) -> TokenSet:
         """A token set whose access token is valid for more than ``expiry_skew`` seconds."""
         current = self._current
-        if current is not None and self._usable(current):
+        if current is not None and self._unsaved is None and self._usable(current):
             return current
         with self._lock:
             current = self._reload()
@@ -185,23 +222,42 @@ class TokenManager(_ManagerBase):
         if self._store is None:
             return self._current
         if self._unsaved is not None:
-            self._persist(self._unsaved)
+            try:
+                self._persist(self._unsaved)
+            except Superseded as signal:
+                return self._superseded(signal)
             return self._current
-        return self._newest(self._store.load())
+        try:
+            stored = self._store.load()
+        except Exception as exc:
+            self._store_failed(exc, "load")
+            return self._current
+        return self._newest(stored)
 
     def _persist(self, token_set: TokenSet) -> None:
         self._current = token_set
-        if self._store is not None:
-            self._unsaved = token_set
+        if self._store is None:
+            return
+        self._unsaved = token_set
+        try:
             self._store.save(token_set)
-            self._unsaved = None
+        except Superseded:
+            raise
+        except Exception as exc:
+            self._store_failed(exc, "save")
+            return
+        self._unsaved = self.store_error = None
 
     def _drive(self, flow: Generator[Step, Any, TokenSet]) -> TokenSet:
         try:
             step = next(flow)
             while True:
                 if isinstance(step, Persist):
-                    self._persist(step.token_set)
+                    try:
+                        self._persist(step.token_set)
+                    except Superseded as signal:
+                        flow.close()
+                        return self._superseded(signal)
                     step = flow.send(None)
                     continue
                 try:
@@ -233,8 +289,9 @@ class AsyncTokenManager(_ManagerBase):
         token_url: str,
         store: AsyncTokenStore | None = None,
         expiry_skew: float = 30.0,
+        serve_unsaved: bool = False,
     ) -> None:
-        super().__init__(provider, token_url=token_url, expiry_skew=expiry_skew)
+        super().__init__(provider, token_url=token_url, expiry_skew=expiry_skew, serve_unsaved=serve_unsaved)
         self._http = http
         self._store = store
         self._lock = asyncio.Lock()
@@ -242,7 +299,7 @@ class AsyncTokenManager(_ManagerBase):
     async def token(self) -> TokenSet:
         """A token set whose access token is valid for more than ``expiry_skew`` seconds."""
         current = self._current
-        if current is not None and self._usable(current):
+        if current is not None and self._unsaved is None and self._usable(current):
             return current
         async with self._lock:
             current = await self._reload()
@@ -275,23 +332,42 @@ class AsyncTokenManager(_ManagerBase):
         if self._store is None:
             return self._current
         if self._unsaved is not None:
-            await self._persist(self._unsaved)
+            try:
+                await self._persist(self._unsaved)
+            except Superseded as signal:
+                return self._superseded(signal)
             return self._current
-        return self._newest(await self._store.load())
+        try:
+            stored = await self._store.load()
+        except Exception as exc:
+            self._store_failed(exc, "load")
+            return self._current
+        return self._newest(stored)
 
     async def _persist(self, token_set: TokenSet) -> None:
         self._current = token_set
-        if self._store is not None:
-            self._unsaved = token_set
+        if self._store is None:
+            return
+        self._unsaved = token_set
+        try:
             await self._store.save(token_set)
-            self._unsaved = None
+        except Superseded:
+            raise
+        except Exception as exc:
+            self._store_failed(exc, "save")
+            return
+        self._unsaved = self.store_error = None
 
     async def _drive(self, flow: Generator[Step, Any, TokenSet]) -> TokenSet:
         try:
             step = next(flow)
             while True:
                 if isinstance(step, Persist):
-                    await self._persist(step.token_set)
+                    try:
+                        await self._persist(step.token_set)
+                    except Superseded as signal:
+                        flow.close()
+                        return self._superseded(signal)
                     step = flow.send(None)
                     continue
                 try:
