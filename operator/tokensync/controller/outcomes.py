@@ -5,6 +5,7 @@
     ControllerError
     ├── InvalidSpecError       the spec cannot work as written (field named)      permanent
     ├── ReferenceMissingError  a referenced Secret or key does not exist yet      transient
+    ├── LeaseHeldError         another process is refreshing this credential      transient
     └── SecretConflictError    the target Secret exists and is not ours           permanent
 
 plus the token library's tree (:mod:`tokensync.auth.errors`), store errors and
@@ -44,6 +45,7 @@ from tokensync.stores.kubernetes import ApiError
 __all__ = [
     "ControllerError",
     "InvalidSpecError",
+    "LeaseHeldError",
     "Outcome",
     "ReferenceMissingError",
     "SecretBusyError",
@@ -69,6 +71,10 @@ class SecretConflictError(ControllerError):
     """The target Secret exists and was not created by tokensync for this credential."""
 
 
+class LeaseHeldError(ControllerError):
+    """Another operator process holds this credential's lease: it is refreshing it right now."""
+
+
 class SecretBusyError(ControllerError):
     """The target Secret kept changing while tokensync wrote it (a race, retried)."""
 
@@ -91,6 +97,8 @@ def classify(exc: BaseException) -> Outcome:
             return Outcome("SecretNotFound", text, permanent=False)
         case SecretConflictError():
             return Outcome("SecretConflict", text, permanent=True)
+        case LeaseHeldError():
+            return Outcome("RefreshInProgress", text, permanent=False)
         case SecretBusyError():
             return Outcome("SecretConflict", text, permanent=False)
         case ReauthenticationRequired():

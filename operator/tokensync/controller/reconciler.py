@@ -16,9 +16,18 @@ One reconcile of one credential:
 3. Renew when there is no token, it is due (:func:`refresh_time`), a manual
    refresh was requested, or a watched source Secret changed. Only then are the
    referenced Secrets read; if their values changed, a full grant replaces the
-   refresh.
+   refresh. A refresh that presents a refresh token first takes the credential's
+   lease (:class:`~tokensync.stores.base.AsyncLease`) and reads the store again
+   inside it: another process (a replica, another cluster on the same Redis) may
+   have just refreshed, and then its token set is used instead of spending the
+   refresh token a second time. Saves are compare-and-swap; a lost race adopts
+   the winner's token set.
 4. Publish the target Secret if its content differs (never a foreign Secret).
 5. Write status if it differs, schedule the next run.
+
+A store that is down (Redis) does not stop renewals: the token set held in
+memory is refreshed and published, the status says ``StoreUnavailable``, and the
+save is retried until the store takes it.
 
 A restart is the same path: the stored token is valid and not due, the target
 Secret already matches, the status already matches: no token request and no
@@ -44,7 +53,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from tokensync.auth import AsyncTokenManager, AuthProvider, InvalidResponseError
+from tokensync.auth import AsyncTokenManager, AuthProvider, InvalidResponseError, Superseded
 from tokensync.auth.discovery import DiscoveryCache
 from tokensync.auth.spec import (
     insecure_url_problem,
@@ -60,6 +69,7 @@ from tokensync.controller.limits import EndpointLimiter
 from tokensync.controller.metrics import InstrumentedStore, Metrics
 from tokensync.controller.outcomes import (
     InvalidSpecError,
+    LeaseHeldError,
     ReferenceMissingError,
     SecretBusyError,
     SecretConflictError,
@@ -88,7 +98,7 @@ from tokensync.models.credential import (
 from tokensync.models.settings import OperatorSettings
 from tokensync.models.state import StoredCredential
 from tokensync.models.tokens import TokenSet, utcnow
-from tokensync.stores.base import AsyncCredentialStore
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, StoreConflictError, StoreError
 from tokensync.stores.kubernetes import ApiConflictError, ApiError, ApiNotFoundError, KubernetesSecretStore
 
 __all__ = [
@@ -180,11 +190,24 @@ class FingerprintedStore:
         return stored.token_set
 
     async def save(self, value: TokenSet) -> None:
-        await self._inner.save(
-            StoredCredential(
-                token_set=value, spec_hash=self._spec, inputs_hash=self._inputs, bootstrap_hash=self._bootstrap
-            )
+        stored = StoredCredential(
+            token_set=value, spec_hash=self._spec, inputs_hash=self._inputs, bootstrap_hash=self._bootstrap
         )
+        try:
+            await self._inner.save(stored)
+        except StoreConflictError:
+            # Another process wrote since we read. A usable token set of the same
+            # inputs is the winner's: adopt it. Anything else (older inputs, an
+            # expired set) is stale, and ours replaces it on a fresh read.
+            current = await self._inner.load()
+            if (
+                current is not None
+                and current.spec_hash == self._spec
+                and current.inputs_hash == self._inputs
+                and current.token_set.access_valid()
+            ):
+                raise Superseded(current.token_set) from None
+            await self._inner.save(stored)
 
     async def clear(self) -> None:
         await self._inner.clear()
@@ -216,6 +239,7 @@ class Entry:
     attempt_generation: int | None = None
     attempt_request: str | None = None
     store_backend: StoreBackend | None = None
+    lease: AsyncLease | None = None
     sources: frozenset[Key] = frozenset()
 
 
@@ -496,7 +520,17 @@ class Controller:
         self._check_urls(credential)
         store = await self._current_store(entry, credential)
         spec_fp = spec_hash(spec)
-        raw = await store.load()
+        store_problem: Exception | None = None
+        try:
+            raw = await store.load()
+        except StoreConflictError:
+            raise
+        except StoreError as exc:
+            # The store is down. A token set this process holds for this spec carries on.
+            raw = self._held(entry, spec_fp)
+            if raw is None:
+                raise
+            store_problem = exc
         stored = raw if raw is not None and raw.spec_hash == spec_fp else None
         token_set = stored.token_set if stored is not None else None
         identity = entry.uid or f"{entry.key[0]}/{entry.key[1]}"
@@ -510,6 +544,7 @@ class Controller:
         if token_set is not None and not due:
             due = now >= refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
         renewed = False
+        retry_at: datetime | None = None
         inputs_seen = entry.inputs_changes
         if due or forced or inputs_seen != entry.inputs_handled:
             values = await self._resolve(credential)
@@ -519,16 +554,42 @@ class Controller:
             same_chain = raw is not None and bool(bootstrap_fp) and raw.bootstrap_hash == bootstrap_fp
             if changed_inputs and same_chain and raw is not None and raw.token_set.refresh_token is not None:
                 # Same bootstrap token: continue the stored chain under the new inputs.
-                await FingerprintedStore(store, spec_fp, inputs_fp, bootstrap_fp).save(raw.token_set)
+                with contextlib.suppress(Superseded):  # a winner's chain of these inputs: the refresh reloads it
+                    await FingerprintedStore(store, spec_fp, inputs_fp, bootstrap_fp).save(raw.token_set)
                 changed_inputs, due = False, True
             if due or forced or changed_inputs:
                 token_url = await self._token_url(credential, values)
                 manager = self._manager(entry, credential, values, spec_fp, inputs_fp, bootstrap_fp, token_url)
+                spends_refresh_token = (
+                    not changed_inputs and token_set is not None and token_set.refresh_token is not None
+                )
                 async with self.limiter.slot(token_url):
-                    self.token_requests += 1
-                    token_set = await (manager.token() if changed_inputs else manager.force_refresh())
-                renewed = True
-                if not token_set.access_valid(now=self._clock()):
+                    lease = entry.lease if spends_refresh_token else None
+                    holding = await self._take_lease(lease, token_set, now) if lease is not None else False
+                    if lease is not None and holding is None:
+                        # Someone else is refreshing: read their result soon instead.
+                        if token_set is None or not token_set.access_valid(skew, now=now):
+                            raise LeaseHeldError("another operator process is refreshing this credential")
+                        retry_at = now + timedelta(seconds=2 + 2 * self._spread(identity))
+                    else:
+                        try:
+                            fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if holding else None
+                            if (
+                                fresher is not None
+                                and not forced
+                                and now < refresh_time(fresher, refresh, identity=identity, jitter_fraction=jitter)
+                            ):
+                                token_set = fresher  # the other process's refresh; nothing to spend
+                            else:
+                                self.token_requests += 1
+                                token_set = await (manager.token() if changed_inputs else manager.force_refresh())
+                                renewed = True
+                        finally:
+                            if holding and lease is not None:
+                                await self._release_lease(lease)
+                if manager.pending_save:
+                    store_problem = manager.store_error or StoreError("the store has not taken the new token set yet")
+                if renewed and not token_set.access_valid(now=self._clock()):
                     # Retrying at once would loop: back off like any bad answer.
                     raise InvalidResponseError(
                         "the identity provider issued a token that is already expired "
@@ -537,11 +598,36 @@ class Controller:
         assert token_set is not None
         secret_name = await self._publish(entry, credential, token_set)
         next_at = refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
-        recovered = entry.failed_attempts > 0
-        entry.failed_attempts = 0
+        recovered = entry.failed_attempts > 0 and store_problem is None
+        degraded: tuple[str, str] | None = None
+        if store_problem is not None:
+            entry.failed_attempts += 1
+            retry = now + timedelta(
+                seconds=backoff_delay(
+                    entry.failed_attempts,
+                    initial=self.settings.backoff_initial,
+                    maximum=self.settings.backoff_max,
+                    identity=entry.uid,
+                )
+            )
+            retry_at = min(retry, retry_at) if retry_at is not None else retry
+            degraded = ("StoreUnavailable", f"serving the token held in memory; {classify(store_problem).message}")
+            logger.warning("%s/%s: %s (retry at %s)", *entry.key, degraded[1], _stamp(retry_at))
+        else:
+            entry.failed_attempts = 0
+        if retry_at is not None:
+            next_at = min(next_at, retry_at)
         entry.inputs_handled = inputs_seen  # only now: a failed grant must not forget that inputs changed
         status = self._success_status(
-            entry, credential, token_set, secret_name, next_at, renewed=renewed, forced=forced, now=now
+            entry,
+            credential,
+            token_set,
+            secret_name,
+            next_at,
+            renewed=renewed,
+            forced=forced,
+            now=now,
+            degraded=degraded,
         )
         first = (
             not entry.status.get("lastRefreshTime")
@@ -556,10 +642,67 @@ class Controller:
                 f"access token issued by the {spec.grant.type.value} grant into Secret {secret_name}, "
                 f"expires {_stamp(token_set.expires_at) or 'at an unknown time'}",
             )
+        if degraded is not None and entry.failed_attempts == 1:
+            await self._event(credential, "Warning", degraded[0], degraded[1])
         self.metrics.credential_ok(entry.key, token_set.expires_at.timestamp() if token_set.expires_at else None)
         if renewed:
             self.metrics.renewed()
         self.scheduler.schedule(entry.key, next_at.timestamp())
+
+    # -- cross-process safety -------------------------------------------------------
+
+    def _held(self, entry: Entry, spec_fp: str) -> StoredCredential | None:
+        """The token set this process holds in memory for this spec, as if it were stored."""
+        manager = entry.manager
+        if manager is None or manager.token_set is None or entry.manager_key is None:
+            return None
+        if entry.manager_key[0] != spec_fp:
+            return None
+        return StoredCredential(token_set=manager.token_set, spec_hash=spec_fp, inputs_hash=entry.manager_key[1])
+
+    @staticmethod
+    def _spread(identity: str) -> float:
+        return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    async def _take_lease(self, lease: AsyncLease, token_set: TokenSet | None, now: datetime) -> bool | None:
+        """True: held. None: another process holds it. False: the store is down, go on without it.
+
+        Without the store nobody can take the lease, so a refresh without it risks
+        what the lease prevents; it is only worth that when the token would
+        otherwise expire before the next retry.
+        """
+        try:
+            if await lease.acquire(owner=self.settings.identity, ttl=self.settings.lease_ttl):
+                return True
+        except StoreConflictError:
+            return None
+        except StoreError:
+            horizon = now + timedelta(seconds=self.settings.expiry_skew + 2 * self.settings.backoff_initial)
+            if token_set is not None and token_set.access_valid(now=horizon):
+                raise
+            return False
+        return None
+
+    async def _release_lease(self, lease: AsyncLease) -> None:
+        try:
+            await lease.release(owner=self.settings.identity)
+        except StoreError as exc:
+            logger.info("cannot release a lease (it expires by itself): %s", exc)
+
+    async def _fresher(
+        self,
+        store: AsyncCredentialStore[StoredCredential],
+        stored: StoredCredential | None,
+        spec_fp: str,
+        inputs_fp: str,
+    ) -> TokenSet | None:
+        """Inside the lease: a token set another process stored after ours was read."""
+        current = await store.load()
+        if current is None or current.spec_hash != spec_fp or current.inputs_hash != inputs_fp:
+            return None
+        if stored is not None and current.token_set.issued_at <= stored.token_set.issued_at:
+            return None
+        return current.token_set
 
     # -- pieces -----------------------------------------------------------------------
 
@@ -568,7 +711,8 @@ class Controller:
         backend = self._backend(credential)
         if entry.store is not None and entry.store_backend == backend:
             return entry.store
-        new = self._store(credential)
+        raw = self._raw_store(credential, backend)
+        new = InstrumentedStore(raw, self.metrics, backend.value)
         if entry.store is not None:
             value = await entry.store.load()
             if value is not None:
@@ -576,6 +720,7 @@ class Controller:
             await entry.store.clear()
             entry.manager = None
         entry.store, entry.store_backend = new, backend
+        entry.lease = raw if isinstance(raw, AsyncLease) else None
         return new
 
     def _backend(self, credential: OAuthCredential) -> StoreBackend:
@@ -659,6 +804,7 @@ class Controller:
                 token_url=token_url,
                 store=FingerprintedStore(entry.store, spec_fp, inputs_fp, bootstrap_fp),
                 expiry_skew=self.settings.expiry_skew,
+                serve_unsaved=True,
             )
             entry.manager_key = (spec_fp, inputs_fp)
         return entry.manager
@@ -761,6 +907,7 @@ class Controller:
         renewed: bool,
         forced: bool,
         now: datetime,
+        degraded: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         previous = entry.status
         expires = _stamp(token_set.expires_at) or "an unknown time"
@@ -770,7 +917,7 @@ class Controller:
             "conditions": conditions(
                 previous.get("conditions"),
                 ready=(True, "TokenIssued", f"Secret {secret_name} holds a token valid until {expires}"),
-                reconciling=None,
+                reconciling=(True, *degraded) if degraded else None,
                 stalled=None,
                 generation=entry.attempt_generation,
                 now=now,
@@ -780,8 +927,8 @@ class Controller:
             "refreshTokenExpiresAt": _stamp(token_set.refresh_expires_at),
             "lastRefreshTime": _stamp(token_set.issued_at),
             "nextRefreshTime": _stamp(next_at),
-            "failedAttempts": 0,
-            "lastFailureTime": None,
+            "failedAttempts": entry.failed_attempts,
+            "lastFailureTime": _stamp(now) if degraded else None,
             "grantedScopes": token_set.scope.split() if token_set.scope else None,
             "refreshCount": count,
             "handledRefreshRequest": entry.attempt_request if forced else previous.get("handledRefreshRequest"),

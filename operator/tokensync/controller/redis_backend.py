@@ -11,6 +11,10 @@ data: whoever can read Redis (a backup, a shared instance) sees no token, and an
 entry copied under another credential's key does not open. Unsealed entries are
 refused rather than trusted, so enabling encryption makes existing entries read
 as absent once (credentials with a password or client secret simply grant again).
+
+Several operators may share one Redis (replicas, or clusters): saves are
+compare-and-swap, and each credential has a lease (``<key>:lease``) that the
+controller holds while it presents a refresh token.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ import binascii
 import os
 from collections.abc import Callable
 
+import redis.asyncio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tokensync.models.credential import OAuthCredential
 from tokensync.models.settings import OperatorSettings
 from tokensync.models.state import StoredCredential
 from tokensync.models.tokens import utcnow
-from tokensync.stores.base import AsyncCredentialStore
-from tokensync.stores.redis import AsyncRedisStore
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease
+from tokensync.stores.redis import AsyncRedisLease, AsyncRedisStore
 
-__all__ = ["PayloadCipher", "redis_key", "redis_store_factory", "stored_ttl"]
+__all__ = ["LeasedRedisStore", "PayloadCipher", "redis_key", "redis_store_factory", "stored_ttl"]
 
 
 class PayloadCipher:
@@ -64,6 +69,26 @@ class PayloadCipher:
         return "PayloadCipher(AES-256-GCM)"
 
 
+class LeasedRedisStore(AsyncRedisStore[StoredCredential], AsyncLease):
+    """A credential's compare-and-swap Redis store, and the lease next to it."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        key: str,
+        serialize: Callable[[StoredCredential], str | bytes],
+        deserialize: Callable[[str | bytes], StoredCredential],
+    ) -> None:
+        super().__init__(client, key, serialize, deserialize, ttl_seconds=stored_ttl, compare_and_swap=True)
+        self._lease = AsyncRedisLease(client, f"{key}:lease")
+
+    async def acquire(self, *, owner: str, ttl: float) -> bool:
+        return await self._lease.acquire(owner=owner, ttl=ttl)
+
+    async def release(self, *, owner: str) -> None:
+        await self._lease.release(owner=owner)
+
+
 def redis_key(prefix: str, namespace: str, name: str) -> str:
     return f"{prefix}{namespace}/{name}"
 
@@ -86,8 +111,6 @@ def redis_store_factory(
     """A factory of per-credential stores sharing one connection pool, or None without Redis."""
     if settings.redis_url is None:
         return None
-    import redis.asyncio
-
     client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
     prefix = settings.redis_key_prefix
     key_text = settings.redis_encryption_key
@@ -105,6 +128,6 @@ def redis_store_factory(
             def deserialize(payload: str | bytes) -> StoredCredential:
                 return StoredCredential.from_json(cipher.open(payload, bound_to=key))
 
-        return AsyncRedisStore(client, key, serialize, deserialize, ttl_seconds=stored_ttl)
+        return LeasedRedisStore(client, key, serialize, deserialize)
 
     return factory

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
+import socket
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +63,21 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus metrics port; 0 disables.")
     metrics_address: str = Field(default="0.0.0.0", description="Address the metrics endpoint binds to.")  # noqa: S104
     discovery_ttl: float = Field(default=3600.0, gt=0, description="How long an OIDC discovery document is cached.")
+    identity: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
+        min_length=1,
+        max_length=253,
+        description="Who holds a credential's lease while refreshing it. Distinct for every process that runs at "
+        "the same time; the same after a restart lets a process take back the leases it held when it died "
+        "(in a pod the default, hostname and PID 1, is both).",
+    )
+    lease_ttl: float = Field(
+        default=30.0,
+        ge=5.0,
+        le=600.0,
+        description="Seconds a refresh lease lasts: longer than a token request can take, so a live holder never "
+        "loses it; a crashed holder blocks others at most this long.",
+    )
 
     @field_validator("redis_encryption_key")
     @classmethod
