@@ -683,11 +683,12 @@ def test_redis_overlay():
     c, base_c = container(deployment), container(base_deployment)
     assert c["args"] == [*base_c["args"], "--store=redis"]
     assert c["env"] == [
-        {"name": "TOKENSYNC_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "tokensync-redis", "key": "url"}}}
+        *base_c["env"],
+        {"name": "TOKENSYNC_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "tokensync-redis", "key": "url"}}},
     ]
     # Nothing else changed.
     stripped = copy.deepcopy(deployment)
-    container(stripped).pop("env")
+    container(stripped)["env"] = base_c["env"]
     container(stripped)["args"] = base_c["args"]
     assert stripped == base_deployment
     assert [o for o in objects if o["kind"] != "Deployment"] == [o for o in base if o["kind"] != "Deployment"]
@@ -886,3 +887,14 @@ def test_examples_cover_every_grant_and_client_authentication():
     assert any(
         t.type == "kubernetes.io/dockerconfigjson" and ".dockerconfigjson" in (t.template or {}) for t in templates
     )
+
+
+def test_every_operator_pod_has_its_own_lease_identity():
+    """Leases are held by TOKENSYNC_IDENTITY: the Pod name, unique among live Pods, kept across restarts."""
+    for objects in (
+        build(MANIFESTS),
+        build(MANIFESTS / "overlays" / "redis"),
+        build(MANIFESTS / "overlays" / "namespaced"),
+    ):
+        env = {e["name"]: e for e in container(one(objects, "Deployment"))["env"]}
+        assert env["TOKENSYNC_IDENTITY"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
