@@ -7,6 +7,9 @@ In order, sharing one namespace and one operator process:
    become Ready, and their Secrets hold tokens the IdP calls active;
 3. with short tokens, for TOKENSYNC_E2E_SOAK_SECONDS, every poll finds an unexpired,
    active token in every Secret, and the tokens are renewed;
+3b. a second operator process (a replica during a rolling update, same RBAC) runs
+   alongside for two token lifetimes: tokens stay fresh, and no rotating refresh
+   token is presented twice (the IdP counts reuse);
 4. a bad spec (a referenced key that does not exist) gets Ready=False naming the
    field, and a Warning Event, while the others stay Ready;
 5. deleting a credential lets the garbage collector remove its target and state Secrets
@@ -245,6 +248,39 @@ def test_tokens_stay_fresh(cluster, ready):
             assert len(tokens) >= 2, (
                 f"{name}: one token for {cluster.soak_seconds:.0f} s of {cluster.token_lifetime}-second tokens"
             )
+
+
+def test_a_second_replica_never_spends_a_refresh_token_twice(cluster, ready, tmp_path):
+    idp = cluster.idp
+    reused = idp.refresh_token_reuse_count("pw-client")
+    password_grants = idp.token_request_count("pw-client", "password")
+    first = cluster.operator
+    # Its own identity, as a second Pod would have; the same kubeconfig, so the same RBAC.
+    env = {**first.env, "TOKENSYNC_IDENTITY": "e2e-replica-1"}
+    replica = type(first)(first.command, env, tmp_path / "replica.log")
+    replica.start()
+    problems: list[str] = []
+    seen: dict[str, set[str]] = {name: set() for name in ready}
+    try:
+        replica.wait_for_log("tokensync started", timeout=cluster.wait_seconds)
+        started = time.monotonic()
+        while time.monotonic() - started < 2 * cluster.token_lifetime + POLL_INTERVAL:
+            for name, target in ready.items():
+                problem = _check_fresh(cluster, name, target, seen[name])
+                if problem:
+                    problems.append(f"t+{time.monotonic() - started:.0f}s {name}: {problem}")
+            time.sleep(POLL_INTERVAL)
+        assert replica.running, "the replica exited:\n" + replica.log_tail()
+    finally:
+        replica.stop()
+    assert not problems, "\n".join(problems)
+    assert idp.refresh_token_reuse_count("pw-client") == reused, "a refresh token was presented twice"
+    # A revoked token family would have forced the password credential back to its password.
+    assert idp.token_request_count("pw-client", "password") == password_grants
+    log = replica.log()
+    assert "Traceback" not in log, replica.log_tail()
+    assert not [line for line in log.splitlines() if PERMISSION_ERROR.search(line)]
+    assert not sum(1 for value in cluster.secret_values if value in log)
 
 
 # -- 4 --------------------------------------------------------------------------------------------
