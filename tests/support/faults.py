@@ -184,7 +184,8 @@ class FaultProxy:
 
     ``set_fault(mode, ...)`` applies to requests that ``match`` (default: token
     requests), at most ``limit`` times, then the proxy passes again. Hooks:
-    ``on_request(record)`` runs when a request arrives (before the fault), and
+    ``on_request(record)`` runs when a request arrives (before the fault; a true result
+    drops the request: a reset, the IdP never sees it), and
     ``on_response(record)`` after the IdP answered and before the operator hears.
     """
 
@@ -197,7 +198,7 @@ class FaultProxy:
         self.upstream_failures = 0
         self.faults_by_mode: Counter[str] = Counter()
         self.refresh_tokens_forwarded: Counter[str] = Counter()
-        self.on_request: Callable[[ProxiedRequest], None] | None = None
+        self.on_request: Callable[[ProxiedRequest], bool] | None = None
         self.on_response: Callable[[ProxiedRequest], None] | None = None
         self._fault = _Fault(PASS)
         self._lock = threading.Lock()
@@ -275,6 +276,20 @@ class FaultProxy:
         with self._lock:
             return max((r.done_at or 0.0 for r in self.requests if r.client_id == client_id), default=0.0)
 
+    def reuse_report(self) -> list[str]:
+        """For each refresh token forwarded more than once: client and times of each send."""
+        with self._lock:
+            sends: dict[str, list[ProxiedRequest]] = {}
+            for r in self.requests:
+                token = r.form.get("refresh_token")
+                if r.forwarded and token and self.refresh_tokens_forwarded[token] > 1:
+                    sends.setdefault(token, []).append(r)
+        return [
+            f"{rs[0].client_id} sent one refresh token {len(rs)} times, at "
+            + ", ".join(time.strftime("%H:%M:%S", time.localtime(r.at)) + f".{int(r.at * 1000) % 1000:03d}" for r in rs)
+            for rs in sends.values()
+        ]
+
     @property
     def refresh_tokens_spent_twice(self) -> int:
         """Refresh tokens the IdP was sent more than once (each extra send counts)."""
@@ -298,8 +313,9 @@ class FaultProxy:
         with self._lock:
             self.requests.append(record)
         try:
-            if self.on_request is not None:
-                self.on_request(record)
+            if self.on_request is not None and self.on_request(record):
+                _reset(handler)  # the hook dropped it: the IdP never sees this request
+                return
             fault = self._take(record)
             if fault is not None and fault.mode == RESET:
                 _reset(handler)
@@ -371,6 +387,7 @@ class _Token:
     expires: float
     first_seen: float
     source: str
+    note: str = ""
 
 
 class SecretSampler:
@@ -421,20 +438,19 @@ class SecretSampler:
         return sum(1 for t in self.tokens.values() if source is None or t.source == "/".join(source))
 
     def _run(self) -> None:
+        # One list per namespace and round: a loaded API server answers one request faster than many.
+        namespaces = sorted({(url, namespace) for url, namespace, _ in self.secrets})
         while not self._stop.wait(self.interval):
-            for source in self.secrets:
+            for url, namespace in namespaces:
                 with contextlib.suppress(Exception):
-                    self._sample(source)
+                    with urllib.request.urlopen(f"{url}/api/v1/namespaces/{namespace}/secrets", timeout=5) as response:
+                        items = {item["metadata"]["name"]: item for item in json.load(response).get("items") or []}
+                    for source in self.secrets:
+                        if source[:2] == (url, namespace) and source[2] in items:
+                            self._sample(source, items[source[2]])
 
-    def _sample(self, source: tuple[str, str, str]) -> None:
-        url, namespace, name = source
-        try:
-            with urllib.request.urlopen(f"{url}/api/v1/namespaces/{namespace}/secrets/{name}", timeout=5) as response:
-                body = json.load(response)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return
-            raise
+    def _sample(self, source: tuple[str, str, str], body: dict[str, Any]) -> None:
+        _, namespace, name = source
         now = time.time()
         data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
         token = data.get("access_token")
@@ -445,7 +461,8 @@ class SecretSampler:
         known = self.tokens.get(token)
         if known is None:
             leaks.register(token)
-            known = self.tokens[token] = _Token(self._expiry(token, data, now), now, "/".join(source))
+            expires, note = self._expiry(token, data, now)
+            known = self.tokens[token] = _Token(expires, now, "/".join(source), note)
         if known.expires <= now:
             if self.tolerated(now):
                 self.tolerated_samples += 1
@@ -453,21 +470,23 @@ class SecretSampler:
                 self.expired_samples += 1
                 if len(self.violations) < 20:
                     self.violations.append(
-                        f"{namespace}/{name} held a token expired {now - known.expires:.1f} s ago at {time.strftime('%H:%M:%S', time.localtime(now))}"
+                        f"{namespace}/{name} held a token expired {now - known.expires:.1f} s ago at {time.strftime('%H:%M:%S', time.localtime(now))}{known.note}"
                     )
 
-    def _expiry(self, token: str, data: dict[str, str], now: float) -> float:
+    def _expiry(self, token: str, data: dict[str, str], now: float) -> tuple[float, str]:
         if self.introspect is not None:
             try:
                 answer = self.introspect(token)
             except Exception:
                 answer = None
             if answer is not None:
-                return float(answer["exp"]) + 1.0 if answer.get("active") and "exp" in answer else now
+                if answer.get("active") and "exp" in answer:
+                    return float(answer["exp"]) + 1.0, ""
+                return now, " (inactive when first seen: revoked, or expired)"
         stamp = data.get("expires_at")
         if stamp:
-            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone + 1.0
-        return float("inf")
+            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone + 1.0, ""
+        return float("inf"), ""
 
 
 # -- the operator as processes ----------------------------------------------------------

@@ -1,0 +1,174 @@
+"""Hostile specs applied while the operator serves a healthy credential.
+
+The API emulator does not enforce the CRD's schema (clusters that skip CEL, or a
+client that sends whatever it likes, get the same treatment), so every body below
+reaches the operator as written. Each must end Ready=False with a reason and a short
+message naming the field; foreign Secrets stay untouched; the healthy credential keeps
+being renewed (no expired token in its Secret); nothing in the operator crashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import kubernetes.client
+
+from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
+from support.operator import Cluster, running_operator, wait_until
+from tokensync.models.settings import OperatorSettings
+
+MIB = 1024 * 1024
+#: The longest status message a human can still read in `kubectl describe`.
+MAX_MESSAGE = 4096
+
+
+def _cc(token_url: str, **changes):
+    spec = {
+        "issuer": {"tokenURL": token_url},
+        "grant": {"type": "client_credentials", "clientID": "cc-client",
+                  "clientSecretRef": {"name": "cc-src", "key": "secret"}},
+    }  # fmt: skip
+    for path, value in changes.items():
+        node = spec
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return spec
+
+
+def _hostile(token_url: str) -> dict[str, tuple[dict, str, str]]:
+    """name -> (spec, expected reason, text the message must contain: the field)."""
+    template = "target.template"
+    blow_up = "{{ " + " ~ ".join(["access_token"] * 1000) + " }}"
+    return {
+        # Wrong types.
+        "type-grant": (_cc(token_url, grant="client_credentials"), "InvalidSpec", "spec.grant"),
+        "type-scopes": (_cc(token_url, **{"grant.scopes": "read"}), "InvalidSpec", "spec.grant.scopes"),
+        "type-timeout": (_cc(token_url, **{"issuer.timeout": 10}), "InvalidSpec", "spec.issuer.timeout"),
+        "type-template": (_cc(token_url, **{"target.template": ["x"]}), "InvalidSpec", template),
+        "type-labels": (_cc(token_url, **{"target.labels": {"a": {"b": "c"}}}), "InvalidSpec", "target.labels"),
+        # Huge strings (the emulator takes bodies up to 1 MiB, as an API server takes ~1.5 MiB).
+        "huge-client-id": (_cc(token_url, **{"grant.clientID": "c" * (MIB - 64 * 1024)}), "InvalidSpec",
+                           "spec.grant.clientID"),
+        "huge-template": (_cc(token_url, **{"target.template": {"k": "x" * (MIB - 64 * 1024)}}), "InvalidSpec",
+                          template),
+        # Reaching into other namespaces.
+        "cross-ns-ref": (_cc(token_url, **{"grant.clientSecretRef": {"name": "cc-src", "key": "secret",
+                                                                      "namespace": "victim"}}),
+                         "InvalidSpec", "clientSecretRef"),
+        "cross-ns-path": (_cc(token_url, **{"grant.clientSecretRef": {"name": "victim/cc-src", "key": "secret"}}),
+                          "InvalidSpec", "clientSecretRef.name"),
+        "cross-ns-target": (_cc(token_url, target={"secretName": "stolen", "namespace": "victim"}), "InvalidSpec",
+                            "spec.target"),
+        # Someone else's Secret as the target.
+        "foreign-target": (_cc(token_url, target={"secretName": "foreign"}), "SecretConflict", "Secret foreign"),
+        # Templates that try to do more than put a token field somewhere.
+        "tpl-file": (_cc(token_url, **{"target.template": {"k": "{{ open('/etc/passwd') }}"}}), "InvalidSpec",
+                     template),
+        "tpl-attribute": (_cc(token_url, **{"target.template": {"k": "{{ access_token.__class__ }}"}}),
+                          "InvalidSpec", template),
+        "tpl-item": (_cc(token_url, **{"target.template": {"k": "{{ access_token[0] }}"}}), "InvalidSpec", template),
+        "tpl-loop": (_cc(token_url, **{"target.template": {"k": "{% for c in access_token %}{{ c }}{% endfor %}"}}),
+                     "InvalidSpec", template),
+        "tpl-refresh-token": (_cc(token_url, **{"target.template": {"k": "{{ refresh_token }}"}}), "InvalidSpec",
+                              template),
+        "tpl-filter-chain": (_cc(token_url, **{"target.template": {"k": "{{ access_token" + " | json" * 40 + " }}"}}),
+                             "InvalidSpec", template),
+        "tpl-output-size": (_cc(token_url, **{"target.template": {f"k{i}": blow_up for i in range(32)}}),
+                            "InvalidSpec", template),
+    }  # fmt: skip
+
+
+class _Crashes(logging.Handler):
+    """Records logged with a traceback: an exception nobody handled on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.name.startswith(("tokensync", "kopf")):
+            self.records.append(f"{record.name}: {record.getMessage()[:200]}")
+
+
+def test_hostile_specs(counts, kube, kube_api, make_idp):
+    """Hostile specs: wrong types, huge, cross-namespace, foreign, templates"""
+    idp = make_idp(access_token_lifetime=6)
+    cluster = Cluster(kube_api)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    core.create_namespace({"metadata": {"name": "victim"}})
+    Cluster(kube_api, "victim").apply_secret("cc-src", {"secret": idp.client_secret("cc-client")})
+    cluster.apply_secret("foreign", {"mine": "do-not-touch"})
+    untouched = {
+        ("victim", "cc-src"): core.read_namespaced_secret("cc-src", "victim").metadata.resource_version,
+        ("default", "foreign"): core.read_namespaced_secret("foreign", "default").metadata.resource_version,
+    }
+    crashes = _Crashes()
+    logging.getLogger().addHandler(crashes)
+    try:
+        with FaultProxy(idp.url) as proxy:
+            specs = credential_world(cluster, idp, proxy.token_url, password=0, refresh_token=0)
+            good = next(iter(specs))
+            hostile = _hostile(proxy.token_url)
+            sampler = SecretSampler([(kube.url, "default", good)], introspect=lambda t: idp.introspect(t))
+            settings = OperatorSettings(backoff_initial=0.5, backoff_max=2, metrics_port=0)
+            with running_operator(kube.url, settings=settings) as operator, sampler:
+                cluster.apply_credential(good, specs[good])
+                wait_until(lambda: cluster.ready(good), timeout=20, what="good Ready")
+                for name, (spec, _, _) in hostile.items():
+                    cluster.apply_credential(name, spec)
+                    counts.faults += 1
+                refreshes = cluster.credential(good)["status"].get("refreshCount", 0)
+                for name, (_, reason, field) in hostile.items():
+                    try:
+                        condition = wait_until(
+                            lambda name=name: (c := cluster.condition(name)) and c["reason"] != "Progressing" and c,
+                            timeout=20,
+                            what=f"{name} condition",
+                        )
+                    except AssertionError as exc:
+                        counts.check(False, f"{name}: no condition: {exc}")
+                        continue
+                    message = condition.get("message", "")
+                    counts.details.append(f"{name}: {condition['status']} {condition['reason']}: {message[:160]}")
+                    counts.check(condition["status"] == "False", f"{name}: Ready is {condition['status']}")
+                    counts.check(condition["reason"] == reason, f"{name}: reason {condition['reason']}, not {reason}")
+                    counts.check(field in message, f"{name}: the message does not name {field}: {message[:300]}")
+                    counts.check(len(message) <= MAX_MESSAGE, f"{name}: a {len(message)}-character message")
+                    counts.check(
+                        cluster.secret(name) is None or name == "foreign-target",
+                        f"{name}: a target Secret was written for an invalid spec",
+                    )
+                # The healthy credential kept being renewed all along (6 s tokens).
+                counts.check(
+                    _wait(lambda: cluster.credential(good)["status"].get("refreshCount", 0) >= refreshes + 2, 20),
+                    f"{good} was not renewed twice after the hostile specs arrived",
+                )
+                counts.check(
+                    operator.thread.is_alive() and not operator.errors, f"the operator died: {operator.errors}"
+                )
+                time.sleep(0.5)
+            for (namespace, name), version in untouched.items():
+                now = core.read_namespaced_secret(name, namespace).metadata.resource_version
+                counts.check(now == version, f"{namespace}/{name} was modified")
+            counts.check(Cluster(kube_api, "victim").secret("stolen") is None, "a Secret was written in victim")
+            counts.check(not crashes.records, f"unhandled exceptions logged: {crashes.records[:5]}")
+            problems = valid_token_problems(cluster, idp, [good])
+            counts.lost = len(problems)
+            counts.expired = sampler.expired_samples
+            leaked = cluster.leak_report()
+            counts.leaked += len(leaked)
+            counts.details += problems + sampler.violations + leaked
+    finally:
+        logging.getLogger().removeHandler(crashes)
+    counts.assert_clean()
+
+
+def _wait(probe, timeout: float) -> bool:
+    try:
+        wait_until(probe, timeout=timeout, interval=0.2)
+    except AssertionError:
+        return False
+    return True

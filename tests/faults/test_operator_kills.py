@@ -1,0 +1,171 @@
+"""The operator process SIGKILLed mid-refresh, again and again, and restarted each time.
+
+The API emulator runs in this test process and serves the operator over HTTP, so the
+cluster's state (CRs, target and state Secrets) survives every death. Tokens live
+6 s, so renewals are nearly always in flight. Kills are of three kinds:
+
+* ``random``: at a random moment of the operator's life;
+* ``before-send``: when a token request reaches the IdP's proxy, which drops it (the
+  IdP never sees the request);
+* ``after-answer``: once the IdP has answered (and rotated the refresh token), before
+  the operator hears: the response dies with the operator.
+
+Harm counted: a credential that does not end Ready with an active token (lost; a
+refresh_token-only credential whose chain broke is lost), a Secret holding an expired
+token outside the allowed window after a restart, a refresh token spent twice
+(counted by the IdP and the proxy), and secrets in the operator's logs, Events or
+status.
+
+One window is left alone on purpose: between the IdP rotating a refresh_token-only
+credential's token and the operator storing it. A kill there destroys the only copy
+of the new refresh token, and with an IdP that has no reuse grace period no client
+can recover from that (there is nothing to re-authenticate with). Kills wait until
+no such request is in flight and the last answer is RT_STORE_WINDOW old.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from support.faults import (
+    CC_CLIENT,
+    PASSWORD_CLIENT,
+    RT_ONLY_CLIENT,
+    FaultProxy,
+    ProxiedRequest,
+    SecretSampler,
+    credential_world,
+    scan_for_leaks,
+    valid_token_problems,
+)
+from support.operator import Cluster, wait_until
+
+LIFETIME = 6
+KILLS = 50
+#: "After restart no Secret holds an expired token longer than one refresh takes": an
+#: expired token in a Secret is tolerated from a kill until RESTART_GRACE seconds after
+#: the next operator process was started (its start-up, ~0.5 s forked from a warm
+#: parent, plus one refresh, well under a second, with room for a loaded CI machine).
+RESTART_GRACE = 3.0
+#: How long after the IdP answered a refresh_token-only credential's request the
+#: operator may still be storing the rotated token (see the module docstring).
+RT_STORE_WINDOW = 1.0
+SETTINGS = {"namespaces": ["default"], "metrics_port": 0, "backoff_initial": 0.5, "backoff_max": 2.0}
+
+
+@pytest.mark.timeout(300)
+def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operators):
+    """Operator process SIGKILLed mid-refresh, restarted"""
+    idp = make_idp(access_token_lifetime=LIFETIME)
+    idp.reset_counters()
+    cluster = Cluster(kube_api)
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    counts.details.append(f"random seed {seed}")
+    windows: list[tuple[float, float]] = []  # (killed at, next process started at + RESTART_GRACE)
+    kinds: dict[str, int] = {}
+    kill_log: list[tuple[float, str]] = []
+
+    def tolerated(t: float) -> bool:
+        return any(start <= t <= end for start, end in windows)
+
+    with FaultProxy(idp.url) as proxy:
+        specs = credential_world(cluster, idp, proxy.token_url, cc=1, password=2, refresh_token=2)
+        names = list(specs)
+
+        def rt_quiet() -> bool:
+            return (
+                not proxy.in_flight(RT_ONLY_CLIENT) and time.time() - proxy.last_done(RT_ONLY_CLIENT) > RT_STORE_WINDOW
+            )
+
+        state = {"pid": operators.spawn(kube.url, SETTINGS, "kills.log"), "armed": ""}
+        fired = threading.Event()
+        lock = threading.Lock()
+
+        def kill_on(when: str, request: ProxiedRequest) -> bool:
+            with lock:
+                if state["armed"] != when or request.client_id not in (CC_CLIENT, PASSWORD_CLIENT) or not rt_quiet():
+                    return False
+                state["armed"] = ""
+                operators.kill(state["pid"])
+            fired.set()
+            return True
+
+        proxy.on_request = lambda request: kill_on("before-send", request)
+        proxy.on_response = lambda request: bool(kill_on("after-answer", request))
+
+        for name, spec in specs.items():
+            cluster.apply_credential(name, spec)
+        wait_until(lambda: all(cluster.ready(n) for n in names), timeout=40, what="all Ready")
+        sampler = SecretSampler(
+            [(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t), tolerated=tolerated
+        )
+        started = time.monotonic()
+        with sampler:
+            for i in range(KILLS):
+                kind = rng.choice(["random", "before-send", "after-answer"])
+                if kind != "random":
+                    fired.clear()
+                    with lock:
+                        state["armed"] = kind
+                    if not fired.wait(8):  # no matching request in time: fall back to a random kill
+                        with lock:
+                            state["armed"] = ""
+                        kind = "random" if not fired.is_set() else kind
+                if kind == "random":
+                    time.sleep(rng.uniform(0.1, 2.0))
+                    _wait_for(rt_quiet, 5)
+                    operators.kill(state["pid"])
+                killed_at = time.time()
+                assert not operators.alive(state["pid"])
+                kinds[kind] = kinds.get(kind, 0) + 1
+                kill_log.append((killed_at, kind))
+                state["pid"] = operators.spawn(kube.url, SETTINGS, "kills.log")
+                windows.append((killed_at, time.time() + RESTART_GRACE))
+                if i == KILLS // 2:  # a stretch longer than a token's life with no kill at all
+                    time.sleep(LIFETIME * 1.5)
+            # The last process keeps running: every credential must come back and stay fresh.
+            counts.check(
+                _wait_for(lambda: not valid_token_problems(cluster, idp, names), 20),
+                "not every credential was Ready with an active token 20 s after the last restart",
+            )
+            time.sleep(LIFETIME * 1.5)
+        counts.details.append(f"kills by kind: {kinds}; {time.monotonic() - started:.0f} s of kills and checks")
+        counts.details.append(f"{sampler.samples} samples, {sampler.tolerated_samples} tolerated after restarts")
+        operators.terminate(state["pid"])
+        problems = valid_token_problems(cluster, idp, names)
+        counts.faults = sum(kinds.values())
+        counts.lost = len(problems)
+        counts.expired = sampler.expired_samples
+        counts.spent_twice = max(idp.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
+        leaked = cluster.leak_report() + scan_for_leaks({"operator log": operators.log_text()})
+        counts.leaked += len(leaked)
+        counts.details += problems + sampler.violations + leaked
+        reasons = {n: (cluster.condition(n) or {}).get("reason") for n in names}
+        counts.details.append(f"final reasons: {reasons}")
+        counts.details.append(
+            "spent twice per client (IdP): "
+            + str({c: idp.refresh_token_reuse_count(c) for c in (PASSWORD_CLIENT, RT_ONLY_CLIENT)})
+        )
+        counts.details += proxy.reuse_report()
+        counts.details += [
+            f"kill {kind} at {time.strftime('%H:%M:%S', time.localtime(at))}.{int(at * 1000) % 1000:03d}"
+            for at, kind in kill_log
+        ]
+    counts.check(
+        kinds.get("before-send", 0) + kinds.get("after-answer", 0) >= 10, f"too few mid-refresh kills: {kinds}"
+    )
+    counts.assert_clean()
+
+
+def _wait_for(probe, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return True
+        time.sleep(0.05)
+    return False
