@@ -5,5 +5,5 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-for name in ("quiet_logs.py", "kopf_lean.py"):
+for name in ("kopf_lean.py",):
     runpy.run_path(str(Path(__file__).with_name(name)), run_name="bench_experiment")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,16 +53,62 @@ class Wiring:
     on_controller: Callable[[Controller], None] | None = None
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf's ``old``/``new``/``diff`` stay empty.
+
+    For every watch event kopf builds the object's "essence" (a deep copy of its body)
+    and diffs it against the last handled one, for change handlers (``on.update``...).
+    tokensync has only raw ``on.event`` handlers (see the module docstring), which never
+    read the diff, and three events echo each refresh: building none is about 0.5 ms
+    less CPU per refresh (bench/, S2). Adding a change handler would need
+    :class:`kopf.AnnotationsDiffBaseStorage` back (tests/unit/test_manifests.py asserts
+    there is none).
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
+#: Loggers that write one INFO line per refresh or per watch event. ``kopf.objects``:
+#: "Handler 'tokensync-secret' succeeded." for each of the three events that echo a
+#: refresh's own writes. ``httpx``: one line per token request, which the
+#: ``tokensync.auth`` line "token issued by ... (expires in ...)" already says. Their
+#: warnings and errors (failed handlers, ...) still show.
+HOT_PATH_LOGGERS = ("kopf.objects", "httpx")
+
+
+def quiet_hot_path_loggers() -> list[logging.Logger]:
+    """Raise the loggers of :data:`HOT_PATH_LOGGERS` to WARNING, if logging is at INFO and
+    nobody set their level: ``--log-level debug`` (or an embedder's own setting) keeps
+    every line. Formatting and writing those lines cost about 0.3 ms per refresh. Returns
+    the loggers changed, for :func:`cleanup` to put back."""
+    changed = []
+    for name in HOT_PATH_LOGGERS:
+        log = logging.getLogger(name)
+        if log.level == logging.NOTSET and log.getEffectiveLevel() == logging.INFO:
+            log.setLevel(logging.WARNING)
+            changed.append(log)
+    return changed
+
+
 def configure_kopf(settings: kopf.OperatorSettings, wiring: Wiring) -> None:
     """Kopf settings, each chosen on purpose (see docs/operations in the README)."""
     # Kopf's own bookkeeping, should anything ever use it, under our prefix.
     settings.persistence.finalizer = "tokensync.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tokensync.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="tokensync.dev", key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     # Watch only the Secrets tokensync writes or users opted in: server-side,
     # so the operator never receives, let alone caches, the cluster's other Secrets.
+    # State Secrets stay watched although only tokensync writes them (one echo event per
+    # refresh, bench/experiments/kopf_lean.py): their watch is what drops a deleted state
+    # Secret from the cache (garbage-collected with its credential, or deleted by a user to
+    # force a new grant) and bounds the cache to what exists.
     settings.watching.label_selectors["v1", "secrets"] = ROLE_LABEL
     # Silent watch stalls are real (proxies, load balancers); reconnect regularly.
     settings.watching.server_timeout = 300
@@ -106,6 +152,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     wiring: Wiring = memo.get("wiring") or Wiring()
     memo["wiring"] = wiring
     configure_kopf(settings, wiring)
+    memo["quieted_loggers"] = quiet_hot_path_loggers()
     if wiring.server_url is not None:
         kube = KubeClient.for_url(wiring.server_url)
     else:
@@ -145,6 +192,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if controller is not None:
         await controller.close()
         await controller.kube.close()
+    for log in memo.get("quieted_loggers") or ():  # an embedding process gets its logging back
+        log.setLevel(logging.NOTSET)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="tokensync-credential", registry=REGISTRY)
