@@ -178,7 +178,12 @@ class _AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=60, sock_connect=10, sock_read=30)
         connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl)
         session = aiohttp.ClientSession(
-            headers=self._headers, timeout=timeout, connector=connector, proxy=self._proxy, trust_env=False
+            headers=self._headers,
+            timeout=timeout,
+            connector=connector,
+            proxy=self._proxy,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets none; skip the per-request filtering
         )
         # aiohttp silently sends a PUT or DELETE again when a kept-alive connection drops
         # (RFC 9112 9.3.1). A PUT with a resourceVersion is not idempotent in that sense: had

@@ -71,6 +71,9 @@ class Metrics:
             ["backend", "operation", "outcome"],
             registry=self.registry,
         )
+        # Label children of the hot path, looked up once (``labels()`` takes a lock and
+        # builds a tuple on each call).
+        self._renewed = self.refreshes.labels("success", "", "")
 
     def credential_ok(self, key: Key, expires_at: float | None) -> None:
         self.ready.labels(*key).set(1)
@@ -81,7 +84,7 @@ class Metrics:
         self.ready.labels(*key).set(1 if ready else 0)
 
     def renewed(self) -> None:
-        self.refreshes.labels("success", "", "").inc()
+        self._renewed.inc()
 
     def renewal_failed(self, reason: str, error: str | None) -> None:
         self.refreshes.labels("failure", reason, error or "").inc()
@@ -113,6 +116,7 @@ class InstrumentedStore(AsyncCredentialStore[T]):
         self._inner = inner
         self._metrics = metrics
         self._backend = backend
+        self._ok = {op: metrics.store_ops.labels(backend, op, "ok") for op in ("load", "save", "clear")}
 
     async def _count(self, operation: str, call: Callable[[], Any]) -> Any:
         try:
@@ -120,7 +124,7 @@ class InstrumentedStore(AsyncCredentialStore[T]):
         except Exception:
             self._metrics.store_ops.labels(self._backend, operation, "error").inc()
             raise
-        self._metrics.store_ops.labels(self._backend, operation, "ok").inc()
+        self._ok[operation].inc()
         return result
 
     async def load(self) -> T | None:
