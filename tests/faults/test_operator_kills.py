@@ -54,7 +54,15 @@ RESTART_GRACE = 3.0
 #: How long after the IdP answered a refresh_token-only credential's request the
 #: operator may still be storing the rotated token (see the module docstring).
 RT_STORE_WINDOW = 1.0
-SETTINGS = {"namespaces": ["default"], "metrics_port": 0, "backoff_initial": 0.5, "backoff_max": 2.0}
+#: Every process is the same pod's container restarted: the same identity (the Pod name,
+#: as the manifests set TOKENSYNC_IDENTITY), so a restart takes back its own refresh leases.
+SETTINGS = {
+    "namespaces": ["default"],
+    "metrics_port": 0,
+    "backoff_initial": 0.5,
+    "backoff_max": 2.0,
+    "identity": "tokensync-7d9f8-x2x4q",
+}
 
 
 @pytest.mark.timeout(300)
