@@ -647,3 +647,18 @@ async def test_serving_in_the_current_loop():
             namespaces = await asyncio.to_thread(CoreV1Api(client).list_namespace)
         assert [n.metadata.name for n in namespaces.items] == ["default", "tokensync"]
         assert namespaces.items[0].status.phase == "Active"
+
+
+# -- Cost per request stays flat over a long run -------------------------------------------------
+
+
+def test_request_history_is_bounded_so_a_long_run_does_not_slow_down(kube, core):
+    """kmock matches each request against every recorded one; the emulator keeps only the newest."""
+    core.create_namespaced_secret(NS, secret("s1"))
+    history = kube.emulator.request_history
+    for _ in range(4 * history):
+        assert core.read_namespaced_secret("s1", NS).metadata.name == "s1"
+    recorded = list(kube.emulator)
+    assert history <= len(recorded) <= 2 * history
+    # The newest requests are the ones kept, for assertions on what just happened.
+    assert recorded[-1].name == "s1" and recorded[-1].method == "GET"

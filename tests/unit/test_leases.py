@@ -213,3 +213,27 @@ async def test_redis_cas_conflict_names_the_key_not_the_value(redis_pair: Any) -
         await second.save(tokens("loser"))
     assert "cas-test" in str(info.value)
     assert "test-secret" not in str(info.value)
+
+
+async def test_a_lease_left_behind_guarding_the_same_value_reports_the_interruption(leases: Any) -> None:
+    """A holder that died mid-refresh is visible to whoever comes next, itself after a restart included."""
+    make, advance = leases
+    assert await make().acquire(owner="replica-a", ttl=0.3, guarding="rt-1")
+    again = await make().acquire(owner="replica-a", ttl=30, guarding="rt-1")  # restarted, same identity
+    assert again and again.interrupted
+    assert await make().acquire(owner="replica-a", ttl=0.3, guarding="rt-2")
+    await advance(0.5)
+    other = await make().acquire(owner="replica-b", ttl=30, guarding="rt-2")  # took over an expired lease
+    assert other and other.interrupted
+
+
+async def test_a_released_or_differently_guarded_lease_is_not_an_interruption(leases: Any) -> None:
+    make, _ = leases
+    assert await make().acquire(owner="replica-a", ttl=30, guarding="rt-1")
+    await make().release(owner="replica-a")
+    clean = await make().acquire(owner="replica-b", ttl=30, guarding="rt-1")
+    assert clean and not clean.interrupted
+    other_value = await make().acquire(owner="replica-b", ttl=30, guarding="rt-2")
+    assert other_value and not other_value.interrupted
+    busy = await make().acquire(owner="replica-c", ttl=30, guarding="rt-2")
+    assert not busy and not busy.interrupted

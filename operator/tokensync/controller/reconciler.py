@@ -98,7 +98,7 @@ from tokensync.models.credential import (
 from tokensync.models.settings import OperatorSettings
 from tokensync.models.state import StoredCredential
 from tokensync.models.tokens import TokenSet, utcnow
-from tokensync.stores.base import AsyncCredentialStore, AsyncLease, StoreConflictError, StoreError
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, LeaseGrant, StoreConflictError, StoreError
 from tokensync.stores.kubernetes import ApiConflictError, ApiError, ApiNotFoundError, KubernetesSecretStore
 
 __all__ = [
@@ -119,6 +119,11 @@ Key = tuple[str, str]  # (namespace, name)
 REFRESH_ANNOTATION = "tokensync.dev/refresh-requested-at"
 
 StoreFactory = Callable[[OAuthCredential], AsyncCredentialStore[StoredCredential]]
+
+
+def _tag(secret: str | None) -> str:
+    """What a lease records of the refresh token it guards: enough to recognise it, not to use it."""
+    return hashlib.sha256(b"lease\0" + (secret or "").encode()).hexdigest()[:32] if secret else ""
 
 
 def _stamp(value: datetime | None) -> str | None:
@@ -556,24 +561,30 @@ class Controller:
                 # Same bootstrap token: continue the stored chain under the new inputs.
                 with contextlib.suppress(Superseded):  # a winner's chain of these inputs: the refresh reloads it
                     await FingerprintedStore(store, spec_fp, inputs_fp, bootstrap_fp).save(raw.token_set)
+                stored = StoredCredential(
+                    token_set=raw.token_set, spec_hash=spec_fp, inputs_hash=inputs_fp, bootstrap_hash=bootstrap_fp
+                )
+                token_set = raw.token_set  # the chain's refresh token is what the renewal presents
                 changed_inputs, due = False, True
             if due or forced or changed_inputs:
                 token_url = await self._token_url(credential, values)
                 manager = self._manager(entry, credential, values, spec_fp, inputs_fp, bootstrap_fp, token_url)
-                spends_refresh_token = (
-                    not changed_inputs and token_set is not None and token_set.refresh_token is not None
-                )
+                presented = self._presented_refresh_token(spec, token_set, values, changed_inputs)
                 async with self.limiter.slot(token_url):
-                    lease = entry.lease if spends_refresh_token else None
-                    holding = await self._take_lease(lease, token_set, now) if lease is not None else False
-                    if lease is not None and holding is None:
+                    lease = entry.lease if presented is not None else None
+                    grant = (
+                        await self._take_lease(lease, token_set, now, guarding=_tag(presented))
+                        if lease is not None and presented is not None
+                        else None
+                    )
+                    if grant is not None and not grant.acquired:
                         # Someone else is refreshing: read their result soon instead.
                         if token_set is None or not token_set.access_valid(skew, now=now):
                             raise LeaseHeldError("another operator process is refreshing this credential")
                         retry_at = now + timedelta(seconds=2 + 2 * self._spread(identity))
                     else:
                         try:
-                            fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if holding else None
+                            fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if grant else None
                             if (
                                 fresher is not None
                                 and not forced
@@ -581,11 +592,14 @@ class Controller:
                             ):
                                 token_set = fresher  # the other process's refresh; nothing to spend
                             else:
+                                interrupted = grant is not None and grant.interrupted and not changed_inputs
+                                if interrupted and stored is not None:
+                                    await self._spend_interrupted(entry, store, stored, manager)
                                 self.token_requests += 1
                                 token_set = await (manager.token() if changed_inputs else manager.force_refresh())
                                 renewed = True
                         finally:
-                            if holding and lease is not None:
+                            if grant and lease is not None:
                                 await self._release_lease(lease)
                 if manager.pending_save:
                     store_problem = manager.store_error or StoreError("the store has not taken the new token set yet")
@@ -664,24 +678,58 @@ class Controller:
     def _spread(identity: str) -> float:
         return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
-    async def _take_lease(self, lease: AsyncLease, token_set: TokenSet | None, now: datetime) -> bool | None:
-        """True: held. None: another process holds it. False: the store is down, go on without it.
+    @staticmethod
+    def _presented_refresh_token(
+        spec: CredentialSpec, token_set: TokenSet | None, values: dict[str, str], changed_inputs: bool
+    ) -> str | None:
+        """The refresh token this renewal will present, if any: what the lease must guard."""
+        if not changed_inputs and token_set is not None and token_set.refresh_token is not None:
+            return token_set.refresh_token.get_secret_value()
+        if spec.grant.type == GrantType.REFRESH_TOKEN:
+            # A first grant from refreshTokenRef presents the bootstrap token: two
+            # clusters starting together on one Redis would both spend it.
+            return values.get("grant.refreshTokenRef")
+        return None
+
+    async def _take_lease(
+        self, lease: AsyncLease, token_set: TokenSet | None, now: datetime, *, guarding: str
+    ) -> LeaseGrant | None:
+        """The lease, or None when the store is down and the renewal should go on without it.
 
         Without the store nobody can take the lease, so a refresh without it risks
         what the lease prevents; it is only worth that when the token would
         otherwise expire before the next retry.
         """
         try:
-            if await lease.acquire(owner=self.settings.identity, ttl=self.settings.lease_ttl):
-                return True
+            return await lease.acquire(owner=self.settings.identity, ttl=self.settings.lease_ttl, guarding=guarding)
         except StoreConflictError:
-            return None
+            return LeaseGrant(acquired=False)
         except StoreError:
             horizon = now + timedelta(seconds=self.settings.expiry_skew + 2 * self.settings.backoff_initial)
             if token_set is not None and token_set.access_valid(now=horizon):
                 raise
-            return False
-        return None
+            return None
+
+    async def _spend_interrupted(
+        self,
+        entry: Entry,
+        store: AsyncCredentialStore[StoredCredential],
+        stored: StoredCredential,
+        manager: AsyncTokenManager,
+    ) -> None:
+        """A holder died presenting this refresh token; its answer (and maybe a rotation) is lost.
+
+        Presenting it again would be a reuse, and servers with reuse protection
+        then revoke the whole family. A credential that can log in again records
+        it as spent first, exactly as after a lost response; one that cannot
+        (a bootstrap refresh token) has nothing better and presents it.
+        """
+        if stored.token_set.refresh_token is None or not manager.provider.can_reauthenticate:
+            return
+        logger.warning("%s/%s: a refresh was interrupted (operator restart); not reusing its refresh token", *entry.key)
+        spent = stored.token_set.model_copy(update={"refresh_token": None, "refresh_expires_at": None})
+        with contextlib.suppress(Superseded):
+            await FingerprintedStore(store, stored.spec_hash, stored.inputs_hash, stored.bootstrap_hash).save(spent)
 
     async def _release_lease(self, lease: AsyncLease) -> None:
         try:

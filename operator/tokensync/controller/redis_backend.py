@@ -31,7 +31,7 @@ from tokensync.models.credential import OAuthCredential
 from tokensync.models.settings import OperatorSettings
 from tokensync.models.state import StoredCredential
 from tokensync.models.tokens import utcnow
-from tokensync.stores.base import AsyncCredentialStore, AsyncLease
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, LeaseGrant
 from tokensync.stores.redis import AsyncRedisLease, AsyncRedisStore
 
 __all__ = ["LeasedRedisStore", "PayloadCipher", "redis_key", "redis_store_factory", "stored_ttl"]
@@ -82,8 +82,8 @@ class LeasedRedisStore(AsyncRedisStore[StoredCredential], AsyncLease):
         super().__init__(client, key, serialize, deserialize, ttl_seconds=stored_ttl, compare_and_swap=True)
         self._lease = AsyncRedisLease(client, f"{key}:lease")
 
-    async def acquire(self, *, owner: str, ttl: float) -> bool:
-        return await self._lease.acquire(owner=owner, ttl=ttl)
+    async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
+        return await self._lease.acquire(owner=owner, ttl=ttl, guarding=guarding)
 
     async def release(self, *, owner: str) -> None:
         await self._lease.release(owner=owner)

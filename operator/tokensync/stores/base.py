@@ -44,6 +44,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "AsyncLease",
     "CredentialStore",
     "Deserializer",
+    "LeaseGrant",
     "Serializer",
     "StoreConflictError",
     "StoreError",
@@ -157,6 +159,20 @@ def decode_or_none(
         return None
 
 
+@dataclass(frozen=True)
+class LeaseGrant:
+    """The answer of :meth:`AsyncLease.acquire`; true when the lease is now held."""
+
+    acquired: bool
+    #: A lease guarding the same value was left behind by a holder that never
+    #: released it (it expired, or it was this owner's before a restart): that
+    #: holder may have used the value and died before recording the outcome.
+    interrupted: bool = False
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+
 class AsyncLease(metaclass=abc.ABCMeta):
     """
     A per-credential lock across processes: an owner token and a time to live.
@@ -175,14 +191,20 @@ class AsyncLease(metaclass=abc.ABCMeta):
       instead of waiting out its dead predecessor).
     * An expired lease is free: a holder that crashed blocks the others for at
       most ``ttl``.
+    * The lease records what it guards (``guarding``, an opaque tag such as a hash
+      of the refresh token about to be presented), durably, until it is released.
+      Taking over a lease that was never released and guarded the same tag answers
+      ``interrupted=True``: its holder died between using the value and recording
+      the result, so the value may be spent. That record is what makes a crash
+      mid-refresh detectable after a restart.
     * ``release`` frees the lease only if ``owner`` still holds it; releasing a
       lease that expired and was taken by someone else is a no-op, never a theft.
     * Failures to reach the backend are :class:`StoreError`, as for stores: the
-      caller must tell "someone else holds it" (``False``) from "cannot know".
+      caller must tell "someone else holds it" (not acquired) from "cannot know".
     """
 
     @abc.abstractmethod
-    async def acquire(self, *, owner: str, ttl: float) -> bool:
+    async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -35,6 +35,7 @@ from tokensync.stores.base import (
     AsyncCredentialStore,
     AsyncLease,
     Deserializer,
+    LeaseGrant,
     Serializer,
     StoreConflictError,
     StoreError,
@@ -189,7 +190,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
             raise StoreError(f"cannot delete {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
         self._version = None
 
-    async def acquire(self, *, owner: str, ttl: float) -> bool:
+    async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
         try:
             current = await self._api.read_secret(self.namespace, self.name)
         except ApiError as exc:
@@ -197,8 +198,10 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         holder = _lease_of(current)
         now = self._clock()
         if holder is not None and holder[0] != owner and holder[1] > now:
-            return False
-        lease = {LEASE_ANNOTATION: json.dumps({"owner": owner, "until": round(now + ttl, 3)})}
+            return LeaseGrant(acquired=False)
+        interrupted = holder is not None and bool(guarding) and holder[2] == guarding
+        record = {"owner": owner, "until": round(now + ttl, 3), "guarding": guarding}
+        lease = {LEASE_ANNOTATION: json.dumps(record)}
         try:
             if current is None:
                 written = await self._api.create_secret(self.namespace, self._body({}, lease))
@@ -207,11 +210,12 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
                 body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
                 written = await self._api.replace_secret(self.namespace, self.name, body)
         except (ApiConflictError, ApiNotFoundError):
-            return False  # someone wrote in between: they hold it, or changed what we would guard
+            # Someone wrote in between: they hold it, or changed what we would guard.
+            return LeaseGrant(acquired=False)
         except ApiError as exc:
             raise StoreError(f"cannot lease {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
         self._version = written.get("metadata", {}).get("resourceVersion")
-        return True
+        return LeaseGrant(acquired=True, interrupted=interrupted)
 
     async def release(self, *, owner: str) -> None:
         try:
@@ -235,8 +239,8 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         return f"{type(self).__name__}({self.where}, key={self._key!r})"
 
 
-def _lease_of(body: dict[str, Any] | None) -> tuple[str, float] | None:
-    """(owner, until) of the lease annotation; a damaged one counts as free."""
+def _lease_of(body: dict[str, Any] | None) -> tuple[str, float, str] | None:
+    """(owner, until, guarding) of the lease annotation; a damaged one counts as free."""
     if body is None:
         return None
     text = ((body.get("metadata") or {}).get("annotations") or {}).get(LEASE_ANNOTATION)
@@ -244,6 +248,6 @@ def _lease_of(body: dict[str, Any] | None) -> tuple[str, float] | None:
         return None
     try:
         value = json.loads(text)
-        return str(value["owner"]), float(value["until"])
+        return str(value["owner"]), float(value["until"]), str(value.get("guarding") or "")
     except (ValueError, KeyError, TypeError):
         return None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tokensync.stores.base import AsyncCredentialStore, AsyncLease, CredentialStore
+from tokensync.stores.base import AsyncCredentialStore, AsyncLease, CredentialStore, LeaseGrant
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
 
@@ -76,17 +76,20 @@ class AsyncMemoryLease(AsyncLease):
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._holder: tuple[str, float] | None = None
+        self._holder: tuple[str, float, str] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {'held' if self._holder else 'free'}>"
 
-    async def acquire(self, *, owner: str, ttl: float) -> bool:
+    async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
         now = self._clock()
-        if self._holder is not None and self._holder[0] != owner and self._holder[1] > now:
-            return False
-        self._holder = (owner, now + ttl)
-        return True
+        previous = self._holder
+        if previous is not None and previous[0] != owner and previous[1] > now:
+            return LeaseGrant(acquired=False)
+        self._holder = (owner, now + ttl, guarding)
+        return LeaseGrant(
+            acquired=True, interrupted=previous is not None and bool(guarding) and previous[2] == guarding
+        )
 
     async def release(self, *, owner: str) -> None:
         if self._holder is not None and self._holder[0] == owner:

@@ -21,9 +21,13 @@ That is what several processes sharing rotating refresh tokens need: the loser o
 a race reads the winner's token set instead of overwriting it. It is off by
 default because a store that is only ever written by one process gains nothing.
 
-:class:`AsyncRedisLease` is the cross-process lock that goes with it: redis-py's
-own :class:`~redis.asyncio.lock.Lock` (``SET NX PX`` with an owner token, released
-by a compare-and-delete script), used without blocking.
+:class:`AsyncRedisLease` is the cross-process lock that goes with it: an owner
+token and an expiry in one key, taken and released by Lua scripts on Redis's own
+clock (no clock skew between the processes sharing it). Not redis-py's ``Lock``:
+its key vanishes when it expires, and with it the record of what a crashed
+holder was guarding, which is what tells a restarted operator that a refresh
+token may have been spent. Here the expiry is a field of the value; the key
+itself lives a day longer, only so that abandoned records are collected.
 
 Redis failures of any kind (refused connections, timeouts, authentication,
 wrong key types) are :class:`~tokensync.stores.base.StoreError`: the caller must
@@ -34,6 +38,7 @@ the caller, with their pools and retry policies, and are not closed here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -41,7 +46,7 @@ from typing import TypeVar
 
 import redis
 import redis.asyncio
-from redis.exceptions import LockNotOwnedError, RedisError
+from redis.exceptions import RedisError
 
 from tokensync.models import TokenSet
 from tokensync.stores.base import (
@@ -49,6 +54,7 @@ from tokensync.stores.base import (
     AsyncLease,
     CredentialStore,
     Deserializer,
+    LeaseGrant,
     Serializer,
     StoreConflictError,
     StoreError,
@@ -74,6 +80,36 @@ return 1
 """
 
 _UNSEEN = object()
+
+# KEYS[1]: the lease key. ARGV: owner, ttl seconds, guarding, key lifetime in ms.
+# Returns {acquired (0/1), the previous record or ""}.
+_LEASE_ACQUIRE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local previous = redis.call('GET', KEYS[1])
+if previous then
+  local ok, record = pcall(cjson.decode, previous)
+  if ok and type(record) == 'table' and record['owner'] ~= ARGV[1] and tonumber(record['until'] or 0) > now then
+    return {0, previous}
+  end
+end
+local value = cjson.encode({owner = ARGV[1], ['until'] = now + tonumber(ARGV[2]), guarding = ARGV[3]})
+redis.call('SET', KEYS[1], value, 'PX', ARGV[4])
+return {1, previous or ''}
+"""
+
+# KEYS[1]: the lease key. ARGV[1]: owner. Deletes the record only if owner holds it.
+_LEASE_RELEASE = """
+local previous = redis.call('GET', KEYS[1])
+if not previous then return 0 end
+local ok, record = pcall(cjson.decode, previous)
+if ok and type(record) == 'table' and record['owner'] == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_LEASE_RECORD_LIFETIME = 86_400.0
 
 
 def _cas_args(seen: object, payload: str | bytes, expiry: int | None) -> list[str | bytes]:
@@ -220,6 +256,8 @@ class AsyncRedisLease(AsyncLease):
     def __init__(self, redis_client: redis.asyncio.Redis, key: str) -> None:
         self._client = redis_client
         self._key = key
+        self._acquire = redis_client.register_script(_LEASE_ACQUIRE)
+        self._release = redis_client.register_script(_LEASE_RELEASE)
 
     @property
     def key(self) -> str:
@@ -228,24 +266,27 @@ class AsyncRedisLease(AsyncLease):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key={self._key!r})"
 
-    async def acquire(self, *, owner: str, ttl: float) -> bool:
-        lock = self._client.lock(self._key, timeout=ttl, blocking=False, thread_local=False)
+    async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
+        keep_ms = str(math.ceil((ttl + _LEASE_RECORD_LIFETIME) * 1000))
         with _failing(self._key, "acquire the lease"):
-            if await lock.acquire(token=owner):
-                return True
-            # Held already: by ourselves (a restart with the same identity) renews it.
-            lock.local.token = owner.encode()
-            try:
-                await lock.reacquire()
-            except LockNotOwnedError:
-                return False
-            return True
+            acquired, previous = await self._acquire(keys=[self._key], args=[owner, str(ttl), guarding, keep_ms])
+        if not acquired:
+            return LeaseGrant(acquired=False)
+        return LeaseGrant(acquired=True, interrupted=bool(guarding) and _guarded(previous) == guarding)
 
     async def release(self, *, owner: str) -> None:
-        lock = self._client.lock(self._key, blocking=False, thread_local=False)
-        # LockNotOwned: expired and maybe taken by someone else, so not ours to free.
-        with _failing(self._key, "release the lease"), contextlib.suppress(LockNotOwnedError):
-            await lock.do_release(owner.encode())
+        with _failing(self._key, "release the lease"):
+            await self._release(keys=[self._key], args=[owner])
+
+
+def _guarded(record: str | bytes | None) -> str:
+    if not record:
+        return ""
+    try:
+        value = json.loads(record)
+        return str(value.get("guarding") or "") if isinstance(value, dict) else ""
+    except ValueError:
+        return ""
 
 
 @contextlib.contextmanager
