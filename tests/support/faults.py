@@ -461,7 +461,7 @@ class SecretSampler:
         known = self.tokens.get(token)
         if known is None:
             leaks.register(token)
-            expires, note = self._expiry(token, data, now)
+            expires, note = self._expiry(token, data, now, source)
             known = self.tokens[token] = _Token(expires, now, "/".join(source), note)
         if known.expires <= now:
             if self.tolerated(now):
@@ -473,7 +473,7 @@ class SecretSampler:
                         f"{namespace}/{name} held a token expired {now - known.expires:.1f} s ago at {time.strftime('%H:%M:%S', time.localtime(now))}{known.note}"
                     )
 
-    def _expiry(self, token: str, data: dict[str, str], now: float) -> tuple[float, str]:
+    def _expiry(self, token: str, data: dict[str, str], now: float, source: tuple[str, str, str]) -> tuple[float, str]:
         if self.introspect is not None:
             try:
                 answer = self.introspect(token)
@@ -482,11 +482,30 @@ class SecretSampler:
             if answer is not None:
                 if answer.get("active") and "exp" in answer:
                     return float(answer["exp"]) + 1.0, ""
+                if self._replaced(source, token):
+                    # Renewed between our read and the introspection: the IdP revokes the old
+                    # access token on refresh. Judge it by the expiry it was published with.
+                    return self._written_expiry(data), " (replaced and revoked right after it was read)"
                 return now, " (inactive when first seen: revoked, or expired)"
+        return self._written_expiry(data), ""
+
+    @staticmethod
+    def _written_expiry(data: dict[str, str]) -> float:
         stamp = data.get("expires_at")
         if stamp:
-            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone + 1.0, ""
-        return float("inf"), ""
+            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone + 1.0
+        return float("inf")
+
+    @staticmethod
+    def _replaced(source: tuple[str, str, str], token: str) -> bool:
+        url, namespace, name = source
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/namespaces/{namespace}/secrets/{name}", timeout=5) as response:
+                data = json.load(response).get("data") or {}
+        except Exception:
+            return False
+        current = base64.b64decode(data.get("access_token") or "").decode()
+        return bool(current) and current != token
 
 
 # -- the operator as processes ----------------------------------------------------------
