@@ -174,28 +174,6 @@ def test_bearer_token_is_found_where_each_kubernetes_client_version_keeps_it():
     assert bearer_header(kubernetes.client.Configuration()) is None
 
 
-async def test_the_operator_client_sends_the_configurations_token():
-    import httpx
-    import kubernetes.client
-
-    from tokensync.controller import KubeClient
-
-    configuration = kubernetes.client.Configuration(host="https://api.test")
-    configuration.api_key = {"BearerToken": "test-secret-sa-token"}
-    configuration.api_key_prefix = {"BearerToken": "Bearer"}
-    seen = []
-
-    def api(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers.get("authorization"))
-        return httpx.Response(200, json={"items": [], "metadata": {}})
-
-    client = KubeClient.from_configuration(configuration)
-    client._http._transport = httpx.MockTransport(api)
-    await client.list_secrets("ns", label_selector="x")
-    await client.close()
-    assert seen == ["Bearer test-secret-sa-token"]
-
-
 async def test_a_discovered_token_endpoint_must_pass_the_url_policy_too():
     import httpx
 
