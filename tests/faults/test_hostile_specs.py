@@ -15,7 +15,7 @@ import time
 import kubernetes.client
 
 from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
-from support.operator import Cluster, running_operator, wait_until
+from support.operator import Cluster, eventually, running_operator, wait_until
 from tokensync.models.settings import OperatorSettings
 
 MIB = 1024 * 1024
@@ -143,7 +143,7 @@ def test_hostile_specs(counts, kube, kube_api, make_idp):
                     )
                 # The healthy credential kept being renewed all along (6 s tokens).
                 counts.check(
-                    _wait(lambda: cluster.credential(good)["status"].get("refreshCount", 0) >= refreshes + 2, 20),
+                    eventually(lambda: cluster.credential(good)["status"].get("refreshCount", 0) >= refreshes + 2, 20),
                     f"{good} was not renewed twice after the hostile specs arrived",
                 )
                 counts.check(
@@ -164,11 +164,3 @@ def test_hostile_specs(counts, kube, kube_api, make_idp):
     finally:
         logging.getLogger().removeHandler(crashes)
     counts.assert_clean()
-
-
-def _wait(probe, timeout: float) -> bool:
-    try:
-        wait_until(probe, timeout=timeout, interval=0.2)
-    except AssertionError:
-        return False
-    return True

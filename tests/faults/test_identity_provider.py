@@ -24,7 +24,7 @@ from support.faults import (
     request_refresh,
     valid_token_problems,
 )
-from support.operator import Cluster, running_operator, wait_until
+from support.operator import Cluster, eventually, running_operator, wait_until
 from tokensync.models.settings import OperatorSettings
 
 # Tokens live 20 s and are renewed when 60% of that is left: every renewal leaves 12 s
@@ -73,7 +73,7 @@ def test_identity_provider_errors_and_outages(counts, kube, kube_api, make_idp):
                 stop()
                 counts.details.append(f"{label}: {proxy.faults + proxy.upstream_failures - before} requests faulted")
                 counts.check(
-                    _wait(lambda: _recovered(cluster, names, stamp), 25),
+                    eventually(lambda: _recovered(cluster, names, stamp), 25),
                     f"{label}: not every credential renewed and went Ready after the fault: "
                     + str({n: (cluster.condition(n) or {}).get("reason") for n in names}),
                 )
@@ -159,7 +159,7 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
                         done = False
                 return done and _recovered(cluster, names, "2026-01-01T00:00:00Z")
 
-            counts.check(_wait(renewed, 20), "the credentials did not renew after the 429s")
+            counts.check(eventually(renewed, 20), "the credentials did not renew after the 429s")
         for client in (CC_CLIENT, PASSWORD_CLIENT):
             requests = proxy.token_requests(client, since=started)
             limited = [(a, b) for a, b in itertools.pairwise(requests) if a.status == 429]
@@ -180,11 +180,3 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
         counts.leaked += len(leaked)
         counts.details += problems + sampler.violations + leaked
     counts.assert_clean()
-
-
-def _wait(probe: Callable[[], object], timeout: float) -> bool:
-    try:
-        wait_until(probe, timeout=timeout, interval=0.1)
-    except AssertionError:
-        return False
-    return True

@@ -42,7 +42,7 @@ from support.faults import (
     scan_for_leaks,
     valid_token_problems,
 )
-from support.operator import Cluster, wait_until
+from support.operator import Cluster, eventually, wait_until
 
 LIFETIME = 6
 KILLS = 50
@@ -126,7 +126,7 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
                         kind = "random" if not fired.is_set() else kind
                 if kind == "random":
                     time.sleep(rng.uniform(0.1, 2.0))
-                    _wait_for(rt_quiet, 5)
+                    eventually(rt_quiet, 5)
                     operators.kill(state["pid"])
                 killed_at = time.time()
                 assert not operators.alive(state["pid"])
@@ -138,7 +138,7 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
                     time.sleep(LIFETIME * 1.5)
             # The last process keeps running: every credential must come back and stay fresh.
             counts.check(
-                _wait_for(lambda: not valid_token_problems(cluster, idp, names), 20),
+                eventually(lambda: not valid_token_problems(cluster, idp, names), 20),
                 "not every credential was Ready with an active token 20 s after the last restart",
             )
             time.sleep(LIFETIME * 1.5)
@@ -168,12 +168,3 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         kinds.get("before-send", 0) + kinds.get("after-answer", 0) >= 10, f"too few mid-refresh kills: {kinds}"
     )
     counts.assert_clean()
-
-
-def _wait_for(probe, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(0.05)
-    return False

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
-from support.operator import Cluster, running_operator, wait_until
+from support.operator import Cluster, eventually, running_operator, wait_until
 from support.redis_server import RedisServer
 from tokensync.models.settings import OperatorSettings
 
@@ -56,7 +56,7 @@ def test_redis_killed_and_restarted(counts, kube, kube_api, make_idp, tmp_path):
                     redis_server.kill()
                     counts.faults += 1
                     down = time.monotonic()
-                    reported = _wait(lambda: any(_store_unavailable(cluster, n) for n in names), 3 * LIFETIME)
+                    reported = eventually(lambda: any(_store_unavailable(cluster, n) for n in names), 3 * LIFETIME)
                     counts.check(
                         reported, f"cycle {cycle}: no credential reported StoreUnavailable while Redis was down"
                     )
@@ -64,11 +64,11 @@ def test_redis_killed_and_restarted(counts, kube, kube_api, make_idp, tmp_path):
                     counts.details.append(f"cycle {cycle}: Redis down {time.monotonic() - down:.1f} s")
                     redis_server.start()
                     counts.check(
-                        _wait(lambda: not any(_store_unavailable(cluster, n) for n in names), 3 * LIFETIME),
+                        eventually(lambda: not any(_store_unavailable(cluster, n) for n in names), 3 * LIFETIME),
                         f"cycle {cycle}: StoreUnavailable stayed after Redis came back",
                     )
                     counts.check(
-                        _wait(lambda: all(cluster.ready(n) for n in names), 3 * LIFETIME),
+                        eventually(lambda: all(cluster.ready(n) for n in names), 3 * LIFETIME),
                         f"cycle {cycle}: not all Ready after Redis came back: "
                         + str({n: (cluster.condition(n) or {}).get("reason") for n in names}),
                     )
@@ -85,11 +85,3 @@ def test_redis_killed_and_restarted(counts, kube, kube_api, make_idp, tmp_path):
     finally:
         redis_server.stop()
     counts.assert_clean()
-
-
-def _wait(probe, timeout: float) -> bool:
-    try:
-        wait_until(probe, timeout=timeout, interval=0.2)
-    except AssertionError:
-        return False
-    return True

@@ -25,7 +25,7 @@ from support.faults import (
     valid_token_problems,
 )
 from support.kube import PROJECT_CRDS
-from support.operator import Cluster, wait_until
+from support.operator import Cluster, eventually
 from tokensync.devkit.kube import cluster_in_thread, read_crds
 
 LIFETIME = 6
@@ -72,7 +72,7 @@ def test_two_operators_share_one_redis(counts, topology, kube, make_idp, redis_u
             with sampler:
                 for i, cluster in enumerate(clusters):
                     counts.check(
-                        _wait(lambda c=cluster: all(c.ready(n) for n in names), 40),
+                        eventually(lambda c=cluster: all(c.ready(n) for n in names), 40),
                         f"cluster {i}: not all Ready within 40 s: "
                         + str({n: (cluster.condition(n) or {}).get("message", "")[:200] for n in names}),
                     )
@@ -99,11 +99,3 @@ def test_two_operators_share_one_redis(counts, topology, kube, make_idp, redis_u
         for api in apis:
             api.close()
     counts.assert_clean()
-
-
-def _wait(probe, timeout: float) -> bool:
-    try:
-        wait_until(probe, timeout=timeout, interval=0.2)
-    except AssertionError:
-        return False
-    return True

@@ -75,6 +75,17 @@ def running_operator(url: str, *, settings: OperatorSettings | None = None) -> I
         thread.join(30)
 
 
+def eventually(probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> bool:
+    """Whether ``probe()`` turns true within ``timeout`` seconds: for checks counted, not raised."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
 def wait_until(probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
