@@ -76,7 +76,7 @@ from tokensync.controller.outcomes import (
     classify,
     conditions,
 )
-from tokensync.controller.schedule import Scheduler, backoff_delay, refresh_time
+from tokensync.controller.schedule import Scheduler, backoff_delay, refresh_time, stable_fraction
 from tokensync.controller.secrets import (
     CREDENTIAL_ANNOTATION,
     ROLE_LABEL,
@@ -430,13 +430,7 @@ class Controller:
             # A restart during a failure streak: keep the backoff, do not hammer the IdP.
             last = _parse_stamp(entry.status.get("lastFailureTime"))
             if last is not None:
-                delay = backoff_delay(
-                    entry.failed_attempts,
-                    initial=self.settings.backoff_initial,
-                    maximum=self.settings.backoff_max,
-                    identity=entry.uid,
-                )
-                when = max(when, last.timestamp() + delay)
+                when = max(when, last.timestamp() + self._backoff_delay(entry))
         self.scheduler.schedule(key, when)
 
     def observe_secret(self, body: dict[str, Any], event_type: str | None) -> None:
@@ -528,8 +522,6 @@ class Controller:
         store_problem: Exception | None = None
         try:
             raw = await store.load()
-        except StoreConflictError:
-            raise
         except StoreError as exc:
             # The store is down. A token set this process holds for this spec carries on.
             raw = self._held(entry, spec_fp)
@@ -573,15 +565,15 @@ class Controller:
                 async with self.limiter.slot(token_url):
                     lease = entry.lease if presented is not None else None
                     grant = (
-                        await self._take_lease(lease, token_set, now, guarding=_tag(presented))
-                        if lease is not None and presented is not None
-                        else None
+                        None
+                        if lease is None
+                        else await self._take_lease(lease, token_set, now, guarding=_tag(presented))
                     )
                     if grant is not None and not grant.acquired:
                         # Someone else is refreshing: read their result soon instead.
                         if token_set is None or not token_set.access_valid(skew, now=now):
                             raise LeaseHeldError("another operator process is refreshing this credential")
-                        retry_at = now + timedelta(seconds=2 + 2 * self._spread(identity))
+                        retry_at = now + timedelta(seconds=2 + 2 * stable_fraction("lease", identity))
                     else:
                         try:
                             fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if grant else None
@@ -616,14 +608,7 @@ class Controller:
         degraded: tuple[str, str] | None = None
         if store_problem is not None:
             entry.failed_attempts += 1
-            retry = now + timedelta(
-                seconds=backoff_delay(
-                    entry.failed_attempts,
-                    initial=self.settings.backoff_initial,
-                    maximum=self.settings.backoff_max,
-                    identity=entry.uid,
-                )
-            )
+            retry = now + timedelta(seconds=self._backoff_delay(entry))
             retry_at = min(retry, retry_at) if retry_at is not None else retry
             degraded = ("StoreUnavailable", f"serving the token held in memory; {classify(store_problem).message}")
             logger.warning("%s/%s: %s (retry at %s)", *entry.key, degraded[1], _stamp(retry_at))
@@ -675,10 +660,6 @@ class Controller:
         return StoredCredential(token_set=manager.token_set, spec_hash=spec_fp, inputs_hash=entry.manager_key[1])
 
     @staticmethod
-    def _spread(identity: str) -> float:
-        return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-    @staticmethod
     def _presented_refresh_token(
         spec: CredentialSpec, token_set: TokenSet | None, values: dict[str, str], changed_inputs: bool
     ) -> str | None:
@@ -702,8 +683,6 @@ class Controller:
         """
         try:
             return await lease.acquire(owner=self.settings.identity, ttl=self.settings.lease_ttl, guarding=guarding)
-        except StoreConflictError:
-            return LeaseGrant(acquired=False)
         except StoreError:
             horizon = now + timedelta(seconds=self.settings.expiry_skew + 2 * self.settings.backoff_initial)
             if token_set is not None and token_set.access_valid(now=horizon):
@@ -1034,14 +1013,7 @@ class Controller:
             next_at = now + timedelta(seconds=self.settings.backoff_max)
             self.scheduler.schedule(entry.key, next_at.timestamp())
         elif not outcome.permanent:
-            delay = backoff_delay(
-                entry.failed_attempts,
-                initial=self.settings.backoff_initial,
-                maximum=self.settings.backoff_max,
-                identity=entry.uid,
-                retry_after=outcome.retry_after,
-            )
-            next_at = now + timedelta(seconds=delay)
+            next_at = now + timedelta(seconds=self._backoff_delay(entry, retry_after=outcome.retry_after))
             self.scheduler.schedule(entry.key, next_at.timestamp())
         logger.warning(
             "%s/%s: %s (%s, attempt %d%s)",
@@ -1060,6 +1032,16 @@ class Controller:
             logger.warning("%s/%s: cannot write status: %s", *entry.key, api_exc)
         if entry.credential is not None and (entry.failed_attempts == 1 or outcome.permanent):
             await self._event(entry.credential, "Warning", outcome.reason, outcome.message)
+
+    def _backoff_delay(self, entry: Entry, retry_after: float | None = None) -> float:
+        """Seconds until the next attempt after ``entry.failed_attempts`` failures in a row."""
+        return backoff_delay(
+            entry.failed_attempts,
+            initial=self.settings.backoff_initial,
+            maximum=self.settings.backoff_max,
+            identity=entry.uid,
+            retry_after=retry_after,
+        )
 
     async def _write_status(self, entry: Entry, status: dict[str, Any]) -> None:
         """Patch status only when it differs from what the API server already has."""

@@ -28,7 +28,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from tokensync.stores.base import (
@@ -99,7 +99,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
         owner_references: list[dict[str, Any]] | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
         self.namespace = namespace
@@ -117,11 +117,14 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
     def where(self) -> str:
         return f"Secret {self.namespace}/{self.name}"
 
-    async def load(self) -> T | None:
+    async def _read(self) -> dict[str, Any] | None:
         try:
-            body = await self._api.read_secret(self.namespace, self.name)
+            return await self._api.read_secret(self.namespace, self.name)
         except ApiError as exc:
             raise StoreError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+
+    async def load(self) -> T | None:
+        body = await self._read()
         if body is None:
             self._version = None
             return None
@@ -151,6 +154,12 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         }
         if self._owners:
             body["metadata"]["ownerReferences"] = list(self._owners)
+        return body
+
+    def _over(self, current: dict[str, Any], annotations: Mapping[str, str] = {}) -> dict[str, Any]:
+        """A replacement of ``current`` with its data as is, conditional on its resourceVersion."""
+        body = self._body(dict(current.get("data") or {}), annotations)
+        body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
         return body
 
     async def save(self, value: T) -> None:
@@ -191,10 +200,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         self._version = None
 
     async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
-        try:
-            current = await self._api.read_secret(self.namespace, self.name)
-        except ApiError as exc:
-            raise StoreError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        current = await self._read()
         holder = _lease_of(current)
         now = self._clock()
         if holder is not None and holder[0] != owner and holder[1] > now:
@@ -206,9 +212,7 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
             if current is None:
                 written = await self._api.create_secret(self.namespace, self._body({}, lease))
             else:
-                body = self._body(dict(current.get("data") or {}), lease)
-                body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
-                written = await self._api.replace_secret(self.namespace, self.name, body)
+                written = await self._api.replace_secret(self.namespace, self.name, self._over(current, lease))
         except (ApiConflictError, ApiNotFoundError):
             # Someone wrote in between: they hold it, or changed what we would guard.
             return LeaseGrant(acquired=False)
@@ -218,17 +222,12 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         return LeaseGrant(acquired=True, interrupted=interrupted)
 
     async def release(self, *, owner: str) -> None:
-        try:
-            current = await self._api.read_secret(self.namespace, self.name)
-        except ApiError as exc:
-            raise StoreError(f"cannot read {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+        current = await self._read()
         holder = _lease_of(current)
         if current is None or holder is None or holder[0] != owner:
             return  # a save already released it, or it expired and is someone else's
-        body = self._body(dict(current.get("data") or {}))
-        body["metadata"]["resourceVersion"] = current.get("metadata", {}).get("resourceVersion")
         try:
-            written = await self._api.replace_secret(self.namespace, self.name, body)
+            written = await self._api.replace_secret(self.namespace, self.name, self._over(current))
         except (ApiConflictError, ApiNotFoundError):
             return
         except ApiError as exc:
