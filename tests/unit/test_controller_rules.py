@@ -256,6 +256,61 @@ async def test_a_failed_state_write_does_not_make_the_state_unreachable():
     assert api.items[("n", "s")]["data"]["state"] == base64.b64encode(b"three").decode()
 
 
+async def test_a_late_watch_event_does_not_roll_the_cache_back_behind_our_own_write():
+    """The event of an older version arriving after our write's answer must not win: the
+    state store would then compare-and-swap against a version that is long gone."""
+    from tokensync.controller.reconciler import SecretCache
+
+    api = FlakyApi()
+    cache = SecretCache(api)
+    await cache.prime([])
+    first = await cache.create_secret("n", {"metadata": {"name": "s", "namespace": "n"}, "data": {"v": "MQ=="}})
+    second = await cache.replace_secret("n", "s", {**first, "data": {"v": "Mg=="}})
+    cache.put(first)  # the watch event of the first write, delivered late
+    assert (await cache.read_secret("n", "s")) == second
+    newer = await api.replace_secret("n", "s", {**second, "data": {"v": "Mw=="}})
+    cache.put(newer)  # a genuinely newer version (another writer) still replaces it
+    assert (await cache.read_secret("n", "s")) == newer
+
+
+async def test_a_conflicting_save_keeps_a_renewal_over_the_set_it_was_renewed_from():
+    """A conflict (a stale read of our own lease write, say) must not make the renewal adopt
+    the older token set it started from: that set's refresh token was just spent."""
+    from tokensync.auth import Superseded
+    from tokensync.controller.reconciler import FingerprintedStore, SecretCache
+    from tokensync.models.state import StoredCredential
+    from tokensync.stores.kubernetes import KubernetesSecretStore
+
+    api = FlakyApi()
+    cache = SecretCache(api)
+    await cache.prime([])
+    store = KubernetesSecretStore(
+        cache, namespace="n", name="s", serialize=StoredCredential.to_json, deserialize=StoredCredential.from_json
+    )
+    now = datetime.now(UTC)
+
+    def tokens(tag, issued):
+        return TokenSet(access_token=SecretStr(f"test-secret-a-{tag}"), refresh_token=SecretStr(f"test-secret-r-{tag}"),
+                        issued_at=issued, expires_at=issued + timedelta(hours=1))  # fmt: skip
+
+    base, renewed, winner = tokens("base", now), tokens("renewed", now + timedelta(seconds=1)), None
+    await FingerprintedStore(store, "spec", "inputs").save(base)
+    other = KubernetesSecretStore(
+        cache, namespace="n", name="s", serialize=StoredCredential.to_json, deserialize=StoredCredential.from_json
+    )
+    await other.load()
+    await FingerprintedStore(store, "spec", "inputs").save(base)  # someone rewrote the same base set
+    await FingerprintedStore(other, "spec", "inputs").save(renewed)  # conflict: ours is newer, so it is kept
+    stored = await store.load()
+    assert stored is not None and stored.token_set.refresh_token.get_secret_value() == "test-secret-r-renewed"
+    # A set issued after ours is another process's win, and is adopted.
+    winner = tokens("winner", now + timedelta(seconds=2))
+    await FingerprintedStore(store, "spec", "inputs").save(winner)
+    with pytest.raises(Superseded) as adopted:
+        await FingerprintedStore(other, "spec", "inputs").save(tokens("late", now + timedelta(seconds=1)))
+    assert adopted.value.token_set.refresh_token.get_secret_value() == "test-secret-r-winner"
+
+
 def test_foreign_owner_references_do_not_cause_rewrites():
     desired = desired_target(credential(), TOKEN)
     actual = merged_for_replace({"metadata": {"ownerReferences": [{"kind": "Application", "uid": "argo"}]}}, desired)

@@ -126,6 +126,19 @@ def _tag(secret: str | None) -> str:
     return hashlib.sha256(b"lease\0" + (secret or "").encode()).hexdigest()[:32] if secret else ""
 
 
+def _older(body: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether ``body`` is an older version of the object ``than`` is.
+
+    resourceVersions are opaque by contract, but every etcd-backed API server (and
+    the emulator) issues increasing integers; anything else is never called older.
+    """
+    mine = (body.get("metadata") or {}).get("resourceVersion")
+    theirs = (than.get("metadata") or {}).get("resourceVersion")
+    if not (isinstance(mine, str) and isinstance(theirs, str) and mine.isdigit() and theirs.isdigit()):
+        return False
+    return int(mine) < int(theirs)
+
+
 def _stamp(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
@@ -201,15 +214,18 @@ class FingerprintedStore:
         try:
             await self._inner.save(stored)
         except StoreConflictError:
-            # Another process wrote since we read. A usable token set of the same
-            # inputs is the winner's: adopt it. Anything else (older inputs, an
-            # expired set) is stale, and ours replaces it on a fresh read.
+            # Someone wrote since we read. A usable token set of the same inputs
+            # issued after ours is another process's win: adopt it. Anything else
+            # (older inputs, an expired set, or the very set ours was renewed from,
+            # seen through a stale read) is replaced by ours on a fresh read: dropping
+            # ours would lose the refresh token its renewal just rotated to.
             current = await self._inner.load()
             if (
                 current is not None
                 and current.spec_hash == self._spec
                 and current.inputs_hash == self._inputs
                 and current.token_set.access_valid()
+                and current.token_set.issued_at > value.issued_at
             ):
                 raise Superseded(current.token_set) from None
             await self._inner.save(stored)
@@ -273,6 +289,11 @@ class SecretCache:
     def put(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key = (meta.get("namespace", ""), meta.get("name", ""))
+        known = self._items.get(key)
+        if known is not None and _older(body, known):
+            # A watch event can arrive after the answer to our own later write: keeping
+            # it would make the next compare-and-swap fail on a version long gone.
+            return
         self._items[key] = body
         self._stale.discard(key)
 
