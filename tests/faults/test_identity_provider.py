@@ -54,9 +54,7 @@ def test_identity_provider_errors_and_outages(counts, kube, kube_api, make_idp):
         names = list(specs)
         sampler = SecretSampler([(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t))
         with running_operator(kube.url, settings=OperatorSettings(**SETTINGS)), sampler:
-            for name, spec in specs.items():
-                cluster.apply_credential(name, spec)
-            wait_until(lambda: all(cluster.ready(n) for n in names), timeout=30, what="all Ready")
+            cluster.apply_until_ready(specs)
 
             def phase(label: str, start: Callable[[], None], stop: Callable[[], None], hold: float) -> None:
                 """Start a fault, ask every credential for a new token, end the fault; then
@@ -132,9 +130,7 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
         names = list(specs)
         sampler = SecretSampler([(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t))
         with running_operator(kube.url, settings=OperatorSettings(**SETTINGS)), sampler:
-            for name, spec in specs.items():
-                cluster.apply_credential(name, spec)
-            wait_until(lambda: all(cluster.ready(n) for n in names), timeout=30, what="all Ready")
+            cluster.apply_until_ready(specs)
             before = {n: cluster.secret_data(n)["access_token"] for n in names}
             # Two 429s per credential, then the IdP answers again.
             answered: dict[str, int] = {}

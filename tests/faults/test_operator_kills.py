@@ -42,7 +42,7 @@ from support.faults import (
     scan_for_leaks,
     valid_token_problems,
 )
-from support.operator import Cluster, eventually, wait_until
+from support.operator import Cluster, eventually
 
 LIFETIME = 6
 KILLS = 50
@@ -106,9 +106,7 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         proxy.on_request = lambda request: kill_on("before-send", request)
         proxy.on_response = lambda request: bool(kill_on("after-answer", request))
 
-        for name, spec in specs.items():
-            cluster.apply_credential(name, spec)
-        wait_until(lambda: all(cluster.ready(n) for n in names), timeout=40, what="all Ready")
+        cluster.apply_until_ready(specs, timeout=40)
         sampler = SecretSampler(
             [(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t), tolerated=tolerated
         )

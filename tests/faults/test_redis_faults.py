@@ -12,7 +12,7 @@ import shutil
 import time
 
 from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
-from support.operator import Cluster, eventually, running_operator, wait_until
+from support.operator import Cluster, eventually, running_operator
 from support.redis_server import RedisServer
 from tokensync.models.settings import OperatorSettings
 
@@ -49,9 +49,7 @@ def test_redis_killed_and_restarted(counts, kube, kube_api, make_idp, tmp_path):
             )
             sampler = SecretSampler([(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t))
             with running_operator(kube.url, settings=settings), sampler:
-                for name, spec in specs.items():
-                    cluster.apply_credential(name, spec)
-                wait_until(lambda: all(cluster.ready(n) for n in names), timeout=30, what="all Ready")
+                cluster.apply_until_ready(specs)
                 for cycle in range(CYCLES):
                     redis_server.kill()
                     counts.faults += 1

@@ -191,3 +191,9 @@ class Cluster:
     def ready(self, name: str) -> bool:
         condition = self.condition(name)
         return condition is not None and condition.get("status") == "True"
+
+    def apply_until_ready(self, specs: dict[str, dict[str, Any]], timeout: float = 30) -> None:
+        """Apply every credential of ``specs`` (name -> spec), then wait until all are Ready."""
+        for name, spec in specs.items():
+            self.apply_credential(name, spec)
+        wait_until(lambda: all(self.ready(n) for n in specs), timeout=timeout, what="all Ready")
