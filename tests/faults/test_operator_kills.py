@@ -16,11 +16,14 @@ token outside the allowed window after a restart, a refresh token spent twice
 (counted by the IdP and the proxy), and secrets in the operator's logs, Events or
 status.
 
-One window is left alone on purpose: between the IdP rotating a refresh_token-only
-credential's token and the operator storing it. A kill there destroys the only copy
-of the new refresh token, and with an IdP that has no reuse grace period no client
-can recover from that (there is nothing to re-authenticate with). Kills wait until
-no such request is in flight and the last answer is RT_STORE_WINDOW old.
+One window is left alone on purpose: from a refresh_token-only credential's request
+leaving the operator until the operator stored the rotated token the IdP answered
+with. A kill there destroys the only copy of the new refresh token, and with an IdP
+that has no reuse grace period no client can recover from that (there is nothing to
+re-authenticate with). So a kill happens only when no such request is in flight at
+the proxy and every refresh token such a credential was sent is in a state Secret;
+the proxy admits no request while it checks and kills, and drops one the killed
+process wrote but the proxy had not read yet (``FaultProxy.kill_if``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from support.faults import (
     SecretSampler,
     credential_world,
     scan_for_leaks,
+    stored_tokens,
     valid_token_problems,
 )
 from support.operator import Cluster, eventually
@@ -51,9 +55,6 @@ KILLS = 50
 #: the next operator process was started (its start-up, ~0.5 s forked from a warm
 #: parent, plus one refresh, well under a second, with room for a loaded CI machine).
 RESTART_GRACE = 3.0
-#: How long after the IdP answered a refresh_token-only credential's request the
-#: operator may still be storing the rotated token (see the module docstring).
-RT_STORE_WINDOW = 1.0
 #: Every process is the same pod's container restarted: the same identity (the Pod name,
 #: as the manifests set TOKENSYNC_IDENTITY), so a restart takes back its own refresh leases.
 SETTINGS = {
@@ -86,20 +87,27 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         names = list(specs)
 
         def rt_quiet() -> bool:
-            return (
-                not proxy.in_flight(RT_ONLY_CLIENT) and time.time() - proxy.last_done(RT_ONLY_CLIENT) > RT_STORE_WINDOW
-            )
+            if proxy.in_flight(RT_ONLY_CLIENT):
+                return False
+            live = proxy.live_refresh_tokens(RT_ONLY_CLIENT)
+            return not live or live <= stored_tokens(kube.url, "default", live)
+
+        proxy.fence = lambda request: request.client_id == RT_ONLY_CLIENT
 
         state = {"pid": operators.spawn(kube.url, SETTINGS, "kills.log"), "armed": ""}
         fired = threading.Event()
         lock = threading.Lock()
 
+        def kill() -> None:
+            operators.kill(state["pid"])
+
         def kill_on(when: str, request: ProxiedRequest) -> bool:
             with lock:
-                if state["armed"] != when or request.client_id not in (CC_CLIENT, PASSWORD_CLIENT) or not rt_quiet():
+                if state["armed"] != when or request.client_id not in (CC_CLIENT, PASSWORD_CLIENT):
+                    return False
+                if not proxy.kill_if(rt_quiet, kill):
                     return False
                 state["armed"] = ""
-                operators.kill(state["pid"])
             fired.set()
             return True
 
@@ -124,8 +132,9 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
                         kind = "random" if not fired.is_set() else kind
                 if kind == "random":
                     time.sleep(rng.uniform(0.1, 2.0))
-                    eventually(rt_quiet, 5)
-                    operators.kill(state["pid"])
+                    if not eventually(lambda: proxy.kill_if(rt_quiet, kill), 10, interval=0.05):
+                        counts.details.append("a random kill could not wait for refresh tokens to be stored")
+                        kill()
                 killed_at = time.time()
                 assert not operators.alive(state["pid"])
                 kinds[kind] = kinds.get(kind, 0) + 1
@@ -141,6 +150,7 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
             )
             time.sleep(LIFETIME * 1.5)
         counts.details.append(f"kills by kind: {kinds}; {time.monotonic() - started:.0f} s of kills and checks")
+        counts.details.append(f"{proxy.fenced_out} refresh_token requests written by a killed process, dropped")
         counts.details.append(f"{sampler.samples} samples, {sampler.tolerated_samples} tolerated after restarts")
         operators.terminate(state["pid"])
         problems = valid_token_problems(cluster, idp, names)

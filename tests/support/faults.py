@@ -52,6 +52,7 @@ __all__ = [
     "merge_patch",
     "request_refresh",
     "scan_for_leaks",
+    "stored_tokens",
     "valid_token_problems",
 ]
 
@@ -128,6 +129,8 @@ class ProxiedRequest:
     status: int | None = None  # what the operator received; None: a reset
     forwarded: bool = False  # the IdP saw it
     done_at: float | None = None
+    #: The refresh token in the IdP's answer, once the operator was sent that answer.
+    delivered_refresh_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -171,6 +174,16 @@ def _client_id(headers: Any, form: dict[str, str]) -> str:
     return form.get("client_id", "")
 
 
+def _sender_gone(handler: BaseHTTPRequestHandler) -> bool:
+    """The client closed its end (an HTTP client never half-closes while waiting: it died)."""
+    try:
+        return handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # reset
+
+
 def _reset(handler: BaseHTTPRequestHandler) -> None:
     """Close with SO_LINGER 0: the peer sees a connection reset, not a clean close."""
     handler.close_connection = True
@@ -187,6 +200,13 @@ class FaultProxy:
     ``on_request(record)`` runs when a request arrives (before the fault; a true result
     drops the request: a reset, the IdP never sees it), and
     ``on_response(record)`` after the IdP answered and before the operator hears.
+
+    ``kill_if(check, kill)`` makes a kill atomic with respect to requests: no request is
+    admitted (recorded as in flight) while ``check`` and ``kill`` run, and afterwards a
+    request that matches ``fence`` and whose sender has died (its connection is closed
+    before the proxy got to it: written by the killed process, still in the socket
+    buffers) is dropped, never forwarded. So "nothing of that kind in flight" checked
+    in ``check`` stays true through the kill.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -200,8 +220,11 @@ class FaultProxy:
         self.refresh_tokens_forwarded: Counter[str] = Counter()
         self.on_request: Callable[[ProxiedRequest], bool] | None = None
         self.on_response: Callable[[ProxiedRequest], None] | None = None
+        self.fence: Callable[[ProxiedRequest], bool] | None = None
+        #: Fenced requests dropped because their sender had died.
+        self.fenced_out = 0
         self._fault = _Fault(PASS)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
@@ -276,6 +299,25 @@ class FaultProxy:
         with self._lock:
             return max((r.done_at or 0.0 for r in self.requests if r.client_id == client_id), default=0.0)
 
+    def live_refresh_tokens(self, client_id: str) -> set[str]:
+        """Refresh tokens the operator was sent for ``client_id`` and has not presented since.
+
+        Each is the only copy of a credential's chain: until the operator stored it, a
+        kill loses that chain.
+        """
+        with self._lock:
+            delivered = {r.delivered_refresh_token for r in self.requests if r.client_id == client_id}
+            presented = {r.form.get("refresh_token") for r in self.requests if r.forwarded}
+            return {t for t in delivered - presented if t}
+
+    def kill_if(self, check: Callable[[], bool], kill: Callable[[], None]) -> bool:
+        """``kill()`` if ``check()``, with no request admitted in between (see the class)."""
+        with self._lock:
+            if not check():
+                return False
+            kill()
+            return True
+
     def reuse_report(self) -> list[str]:
         """For each refresh token forwarded more than once: client and times of each send."""
         with self._lock:
@@ -311,6 +353,11 @@ class FaultProxy:
             form=form,
         )
         with self._lock:
+            if self.fence is not None and self.fence(record) and _sender_gone(handler):
+                record.done_at = record.at
+                self.fenced_out += 1
+                _reset(handler)  # died with its sender: the IdP never sees it
+                return
             self.requests.append(record)
         try:
             if self.on_request is not None and self.on_request(record):
@@ -342,6 +389,9 @@ class FaultProxy:
                 return
             self._respond(handler, status, headers, payload)
             record.status = status
+            if status == 200:
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    record.delivered_refresh_token = json.loads(payload).get("refresh_token")
         finally:
             record.done_at = time.time()
 
@@ -609,6 +659,19 @@ def request_refresh(api_url: str, namespace: str, name: str, stamp: str) -> None
         f"/apis/tokensync.dev/v1alpha1/namespaces/{namespace}/oauthcredentials/{name}",
         {"metadata": {"annotations": {"tokensync.dev/refresh-requested-at": stamp}}},
     )
+
+
+def stored_tokens(api_url: str, namespace: str, tokens: set[str]) -> set[str]:
+    """Which of ``tokens`` some Secret of ``namespace`` holds (in any data value)."""
+    with urllib.request.urlopen(f"{api_url}/api/v1/namespaces/{namespace}/secrets", timeout=10) as response:
+        items = json.load(response).get("items") or []
+    found: set[str] = set()
+    for item in items:
+        for value in (item.get("data") or {}).values():
+            with contextlib.suppress(ValueError, TypeError):
+                text = base64.b64decode(value).decode(errors="replace")
+                found |= {t for t in tokens if t in text}
+    return found
 
 
 def scan_for_leaks(texts: dict[str, str]) -> list[str]:
