@@ -176,3 +176,46 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
         counts.leaked += len(leaked)
         counts.details += problems + sampler.violations + leaked
     counts.assert_clean()
+
+
+#: The shipped backoff (5 s doubling up to 5 min): after two failed attempts, the next
+#: is further away than the time the token has left.
+SHIPPED_BACKOFF = {"metrics_port": 0}
+
+
+def test_outage_shorter_than_the_token_life_is_invisible(counts, kube, kube_api, make_idp):
+    """IdP outage outlasting backoff, within token life"""
+    idp = make_idp(access_token_lifetime=LIFETIME)
+    cluster = Cluster(kube_api)
+    with FaultProxy(idp.url) as proxy:
+        specs = credential_world(cluster, idp, proxy.token_url, refresh={"renewBefore": "12s"})
+        names = list(specs)
+        sampler = SecretSampler([(kube.url, "default", n) for n in names], introspect=lambda t: idp.introspect(t))
+        with running_operator(kube.url, settings=OperatorSettings(**SHIPPED_BACKOFF)), sampler:
+            cluster.apply_until_ready(specs)
+            expiries = [
+                time.mktime(time.strptime(cluster.secret_data(n)["expires_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+                for n in names
+            ]
+            # Down from now (before the renewals, due 12 s before expiry) until 1.5 s before
+            # the first token expires: every renewal meets ~10.5 s of outage, less than the
+            # 12 s its token had left.
+            proxy.set_fault(STATUS, status=503)
+            time.sleep(max(0.0, min(expiries) - 1.5 - time.time()))
+            proxy.passthrough()
+            counts.faults += proxy.faults
+            counts.details.append(f"{proxy.faults} requests met the outage")
+            counts.check(proxy.faults >= 2 * len(names), f"only {proxy.faults} requests met the outage")
+            time.sleep(max(0.0, max(expiries) + 2 - time.time()))  # every token's old expiry has passed
+            counts.check(
+                eventually(lambda: not valid_token_problems(cluster, idp, names), 5),
+                "not every credential was Ready with an active token after the outage",
+            )
+        problems = valid_token_problems(cluster, idp, names)
+        counts.lost = len(problems)
+        counts.expired = sampler.expired_samples
+        counts.spent_twice = max(idp.admin.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
+        leaked = cluster.leak_report()
+        counts.leaked += len(leaked)
+        counts.details += problems + sampler.violations + leaked
+    counts.assert_clean()

@@ -78,6 +78,26 @@ def test_backoff_grows_from_initial_to_maximum_and_honours_retry_after():
     assert backoff_delay(1, initial=5, maximum=300, identity="x", retry_after=60) == 60
 
 
+def test_backoff_never_jumps_past_the_expiry_of_a_token_still_valid():
+    plain = [backoff_delay(n, initial=5, maximum=300, identity="x") for n in range(1, 10)]
+    capped = [backoff_delay(n, initial=5, maximum=300, identity="x", valid_for=40) for n in range(1, 10)]
+    assert capped[:2] == plain[:2]  # far from expiry: plain backoff
+    assert max(capped) == 20  # then at most half of what is left
+    # Closing in on the expiry: waits halve, down to one second, and the attempt
+    # sequence reaches the last second before expiry.
+    left, attempts_at = 12.0, []
+    for attempt in range(1, 20):
+        attempts_at.append(left)
+        left -= backoff_delay(attempt, initial=5, maximum=300, identity="x", valid_for=left)
+        if left <= 0:
+            break
+    assert 0 < attempts_at[-1] <= 1.0, attempts_at  # an attempt in the token's last second
+    assert len(attempts_at) <= 7  # ...after a handful of attempts, not a storm
+    # Expired, or unknown: plain backoff. An IdP's Retry-After still wins.
+    assert backoff_delay(6, initial=5, maximum=300, identity="x", valid_for=-3) == plain[5]
+    assert backoff_delay(1, initial=5, maximum=300, identity="x", retry_after=30, valid_for=10) == 30
+
+
 async def test_scheduler_runs_due_keys_once_each_and_respects_order():
     ran: list[str] = []
     now = [1000.0]

@@ -451,7 +451,7 @@ class Controller:
             # A restart during a failure streak: keep the backoff, do not hammer the IdP.
             last = _parse_stamp(entry.status.get("lastFailureTime"))
             if last is not None:
-                when = max(when, last.timestamp() + self._backoff_delay(entry))
+                when = max(when, last.timestamp() + self._backoff_delay(entry, now=last))
         self.scheduler.schedule(key, when)
 
     def observe_secret(self, body: dict[str, Any], event_type: str | None) -> None:
@@ -1034,7 +1034,7 @@ class Controller:
             next_at = now + timedelta(seconds=self.settings.backoff_max)
             self.scheduler.schedule(entry.key, next_at.timestamp())
         elif not outcome.permanent:
-            next_at = now + timedelta(seconds=self._backoff_delay(entry, retry_after=outcome.retry_after))
+            next_at = now + timedelta(seconds=self._backoff_delay(entry, outcome.retry_after, now=now))
             self.scheduler.schedule(entry.key, next_at.timestamp())
         logger.warning(
             "%s/%s: %s (%s, attempt %d%s)",
@@ -1054,14 +1054,20 @@ class Controller:
         if entry.credential is not None and (entry.failed_attempts == 1 or outcome.permanent):
             await self._event(entry.credential, "Warning", outcome.reason, outcome.message)
 
-    def _backoff_delay(self, entry: Entry, retry_after: float | None = None) -> float:
-        """Seconds until the next attempt after ``entry.failed_attempts`` failures in a row."""
+    def _backoff_delay(self, entry: Entry, retry_after: float | None = None, *, now: datetime | None = None) -> float:
+        """Seconds until the next attempt after ``entry.failed_attempts`` failures in a row.
+
+        With ``now``, retries close in on the expiry of the token the target Secret
+        holds (``expiresAt``) rather than passing it (see :func:`backoff_delay`).
+        """
+        expires = _parse_stamp(entry.status.get("expiresAt")) if now is not None else None
         return backoff_delay(
             entry.failed_attempts,
             initial=self.settings.backoff_initial,
             maximum=self.settings.backoff_max,
             identity=entry.uid,
             retry_after=retry_after,
+            valid_for=(expires - now).total_seconds() if expires is not None and now is not None else None,
         )
 
     async def _write_status(self, entry: Entry, status: dict[str, Any]) -> None:

@@ -85,13 +85,33 @@ def refresh_time(token_set: TokenSet, spec: RefreshSpec, *, identity: str, jitte
     return max(min(due, expires), issued + min(min_interval, timedelta(seconds=1)))
 
 
+#: The closest two attempts come while a token is about to expire.
+MIN_RETRY_SPACING = 1.0
+
+
 def backoff_delay(
-    attempts: int, *, initial: float, maximum: float, identity: str, retry_after: float | None = None
+    attempts: int,
+    *,
+    initial: float,
+    maximum: float,
+    identity: str,
+    retry_after: float | None = None,
+    valid_for: float | None = None,
 ) -> float:
-    """Seconds to wait before attempt ``attempts + 1``: exponential, jittered, capped."""
+    """Seconds to wait before attempt ``attempts + 1``: exponential, jittered, capped.
+
+    ``valid_for``: how long the token pods hold now stays valid. Plain backoff would
+    let an attempt land long after that expiry (5 s doubling reaches 80 s within
+    about 2.5 minutes), so an outage shorter than the token's remaining life would
+    still leave pods an expired token. While the token is valid, the wait is at most
+    half of what is left (never under MIN_RETRY_SPACING): attempts close in on the
+    expiry instead of jumping past it. An IdP's Retry-After still wins: it asked.
+    """
     base = min(maximum, initial * 2 ** max(0, attempts - 1))
     jittered = base * (0.8 + 0.4 * stable_fraction(identity, attempts))
     delay: float = min(maximum, jittered)
+    if valid_for is not None and valid_for > 0:
+        delay = min(delay, max(MIN_RETRY_SPACING, valid_for / 2))
     if retry_after is not None:
         delay = max(delay, min(retry_after, 3600.0))
     return delay
