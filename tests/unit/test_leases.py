@@ -237,3 +237,25 @@ async def test_a_released_or_differently_guarded_lease_is_not_an_interruption(le
     assert other_value and not other_value.interrupted
     busy = await make().acquire(owner="replica-c", ttl=30, guarding="rt-2")
     assert not busy and not busy.interrupted
+
+
+async def test_secret_lease_survives_a_conflict_from_someone_who_only_touched_the_secret() -> None:
+    """Another writer changed an annotation between our read and our lease write (a real 409):
+    the lease is free, so it is taken, not reported as held (which would delay the renewal)."""
+    from support.api_faults import FaultyCluster
+    from tokensync.devkit.kube import cluster_in_thread
+
+    with cluster_in_thread(emulator=FaultyCluster()) as faulty:
+        client, clock = KubeClient.for_url(faulty.url), Clock()
+        try:
+            store = secret_store(client, clock)
+            await store.save(tokens("one"))
+            faulty.emulator.inject("conflict", match=lambda method, path: method == "PUT", limit=2)
+            grant = await store.acquire(owner="replica-a", ttl=30)
+            assert faulty.emulator.injected["conflict"] == 2
+            assert grant.acquired and not grant.interrupted
+            await store.save(tokens("two"))  # the lease holder's save lands
+            other = secret_store(client, clock)
+            assert await other.acquire(owner="replica-b", ttl=30)
+        finally:
+            await client.close()

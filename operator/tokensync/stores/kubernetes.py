@@ -200,26 +200,31 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
         self._version = None
 
     async def acquire(self, *, owner: str, ttl: float, guarding: str = "") -> LeaseGrant:
-        current = await self._read()
-        holder = _lease_of(current)
-        now = self._clock()
-        if holder is not None and holder[0] != owner and holder[1] > now:
-            return LeaseGrant(acquired=False)
-        interrupted = holder is not None and bool(guarding) and holder[2] == guarding
-        record = {"owner": owner, "until": round(now + ttl, 3), "guarding": guarding}
-        lease = {LEASE_ANNOTATION: json.dumps(record)}
-        try:
-            if current is None:
-                written = await self._api.create_secret(self.namespace, self._body({}, lease))
-            else:
-                written = await self._api.replace_secret(self.namespace, self.name, self._over(current, lease))
-        except (ApiConflictError, ApiNotFoundError):
-            # Someone wrote in between: they hold it, or changed what we would guard.
-            return LeaseGrant(acquired=False)
-        except ApiError as exc:
-            raise StoreError(f"cannot lease {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
-        self._version = written.get("metadata", {}).get("resourceVersion")
-        return LeaseGrant(acquired=True, interrupted=interrupted)
+        # A conflict means the Secret changed between our read and our write: maybe
+        # another process leased it, maybe someone only touched a label or an annotation.
+        # Read again and decide again (a few times), rather than calling a free lease
+        # held and putting the renewal off.
+        for _ in range(_LEASE_ATTEMPTS):
+            current = await self._read()
+            holder = _lease_of(current)
+            now = self._clock()
+            if holder is not None and holder[0] != owner and holder[1] > now:
+                return LeaseGrant(acquired=False)
+            interrupted = holder is not None and bool(guarding) and holder[2] == guarding
+            record = {"owner": owner, "until": round(now + ttl, 3), "guarding": guarding}
+            lease = {LEASE_ANNOTATION: json.dumps(record)}
+            try:
+                if current is None:
+                    written = await self._api.create_secret(self.namespace, self._body({}, lease))
+                else:
+                    written = await self._api.replace_secret(self.namespace, self.name, self._over(current, lease))
+            except (ApiConflictError, ApiNotFoundError):
+                continue
+            except ApiError as exc:
+                raise StoreError(f"cannot lease {self.where}: HTTP {exc.status} {exc.reason}".rstrip()) from exc
+            self._version = written.get("metadata", {}).get("resourceVersion")
+            return LeaseGrant(acquired=True, interrupted=interrupted)
+        return LeaseGrant(acquired=False)  # the Secret keeps changing under us: someone is busy with it
 
     async def release(self, *, owner: str) -> None:
         current = await self._read()
@@ -236,6 +241,9 @@ class KubernetesSecretStore(AsyncCredentialStore[T], AsyncLease):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.where}, key={self._key!r})"
+
+
+_LEASE_ATTEMPTS = 3
 
 
 def _lease_of(body: dict[str, Any] | None) -> tuple[str, float, str] | None:
