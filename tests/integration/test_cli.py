@@ -1,5 +1,6 @@
 """The `tokensync` command as a user runs it: a subprocess, its output and exit code."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,27 +47,51 @@ def test_run_rejects_bad_settings_with_one_line_naming_the_field():
 def test_run_with_a_kubeconfig_serves_credentials_until_terminated(kube, kube_api, idp, tmp_path):
     import signal
 
-    from support.operator import Cluster, wait_until
+    from support.operator import Cluster, eventually
 
     cluster = Cluster(kube_api)
     cluster.apply_secret("cc", {"secret": idp.client_secret("cc-client")})
     kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from tokensync.cli import main; main()", "run", "--kubeconfig", str(kubeconfig),
-         "--liveness", "", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # Output to a file, not a pipe nobody reads until the end: a full pipe would block
+    # the operator's logging, and a failure shows what the operator said.
+    log_path = tmp_path / "operator.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from tokensync.cli import main; main()", "run", "--kubeconfig", str(kubeconfig),
+             "--liveness", "", "--metrics-port", "0", "--log-format", "json"],
+            stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
     try:
         cluster.apply_credential("api", {
             "issuer": {"tokenURL": idp.token_url},
             "grant": {"type": "client_credentials", "clientID": "cc-client", "clientSecretRef": {"name": "cc", "key": "secret"}},
         })  # fmt: skip
-        wait_until(lambda: cluster.ready("api") or process.poll() is not None, timeout=30, what="Ready")
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        ready = eventually(lambda: cluster.ready("api") or process.poll() is not None, 30)
+        assert ready and process.poll() is None, log_path.read_text()[-3000:]
         assert cluster.ready("api")
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
+        process.wait(timeout=30)
+    stderr = log_path.read_text()
     assert process.returncode == 0, stderr[-3000:]
     assert '"level": "INFO"' in stderr  # JSON logs
     assert idp.client_secret("cc-client") not in stderr
+
+
+def test_run_with_the_metrics_port_in_use_exits_naming_the_setting(kube, tmp_path):
+    import socket
+
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-c", "from tokensync.cli import main; main()", "run", "--kubeconfig", str(kubeconfig),
+             "--liveness", "", "--metrics-port", str(port)],
+            env={**os.environ, "TOKENSYNC_METRICS_ADDRESS": "127.0.0.1"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "--metrics-port" in result.stderr

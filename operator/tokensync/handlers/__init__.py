@@ -164,15 +164,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         settings=wiring.settings,
         redis_store_factory=redis_store_factory(wiring.settings),
     )
-    await controller.start()
-    memo["controller"] = controller
     if wiring.settings.metrics_port:
         from prometheus_client import start_http_server
 
-        server, _thread = start_http_server(
-            wiring.settings.metrics_port, addr=wiring.settings.metrics_address, registry=controller.metrics.registry
-        )
+        # Before anything starts: a port in use is a configuration error that must stop
+        # the operator with a message, not leave kopf retrying this activity forever
+        # (which looked like a silent hang: nothing watched, nothing Ready).
+        try:
+            server, _thread = start_http_server(
+                wiring.settings.metrics_port, addr=wiring.settings.metrics_address, registry=controller.metrics.registry
+            )
+        except OSError as exc:
+            where = f"{wiring.settings.metrics_address}:{wiring.settings.metrics_port}"
+            raise kopf.PermanentError(
+                f"cannot serve metrics on {where}: {exc.strerror or exc}; "
+                "choose another port with --metrics-port / TOKENSYNC_METRICS_PORT (0 disables metrics)"
+            ) from None
         memo["metrics_server"] = server
+    await controller.start()
+    memo["controller"] = controller
     memo["scheduler"] = asyncio.get_running_loop().create_task(controller.run(), name="tokensync-scheduler")
     if wiring.on_controller is not None:
         wiring.on_controller(controller)
