@@ -31,6 +31,8 @@ Knobs (environment):
 * ``TOKENSYNC_E2E_WAIT_SECONDS`` readiness / garbage-collection waits (default 60)
 * ``TOKENSYNC_E2E_WATCH``        ``all`` (default, ``-A``) or ``namespace`` (``--namespace``)
 * ``TOKENSYNC_E2E_KEEP``         1: leave the namespace and installed objects behind
+* ``TOKENSYNC_E2E_KILLS``        operator SIGKILLs in test_e2e_faults.py (default 20; each costs
+  an operator start, ~1-2 s, plus the wait for a token request to kill it at)
 
 On a failure, the report carries the operator's log tail and the state of the
 test namespace (``kubectl get oauthcredential -o yaml``, Secret names, Events);
@@ -76,10 +78,22 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "") if E2E_KUBECONFIG else ""
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise pytest.UsageError(f"{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise pytest.UsageError(f"{name} must be positive")
+    return value
+
+
 SOAK_SECONDS = _seconds("TOKENSYNC_E2E_SOAK_SECONDS", 90)
 TOKEN_LIFETIME = int(_seconds("TOKENSYNC_E2E_TOKEN_LIFETIME", 30))
 WAIT_SECONDS = _seconds("TOKENSYNC_E2E_WAIT_SECONDS", 60)
 KEEP = os.environ.get("TOKENSYNC_E2E_KEEP", "") == "1"
+KILLS = _count("TOKENSYNC_E2E_KILLS", 20)
 WATCH = os.environ.get("TOKENSYNC_E2E_WATCH", "all") if E2E_KUBECONFIG else "all"
 if WATCH not in ("all", "namespace"):
     raise pytest.UsageError(f"TOKENSYNC_E2E_WATCH={WATCH!r}: use all or namespace")
@@ -87,8 +101,8 @@ if WATCH not in ("all", "namespace"):
 NAMESPACE_FALLBACK_LOG = "Not enough permissions to list namespaces"
 NAMESPACE_FALLBACK_SECONDS = 120.0
 # One generous budget per test (pytest-timeout counts the session fixtures' setup
-# against the first test): cluster round trips, the operator start, the soak.
-TEST_TIMEOUT = int(SOAK_SECONDS + 6 * WAIT_SECONDS + 420)
+# against the first test): cluster round trips, the operator start, the soak, the kills.
+TEST_TIMEOUT = int(SOAK_SECONDS + 6 * WAIT_SECONDS + 420 + 12 * KILLS)
 
 OPERATOR_NAMESPACE = "tokensync-system"
 CRD_NAME = "oauthcredentials.tokensync.dev"
@@ -296,15 +310,24 @@ class OperatorProcess:
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def wait_for_log(self, needle: str, timeout: float) -> None:
+    def wait_for_log(self, needle: str, timeout: float, since: int = 0) -> None:
+        """Until ``needle`` is in the log after position ``since`` (a ``len(log())`` taken earlier)."""
         deadline = time.monotonic() + timeout
-        while needle not in self.log():
+        while needle not in self.log()[since:]:
             if not self.running:
                 code = self.process.returncode if self.process else None
                 pytest.fail(f"the operator exited ({code}) before logging {needle!r}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"the operator did not log {needle!r} within {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)
+
+    def restart(self) -> None:
+        """Start again after :meth:`stop`, and wait as the session fixture does (for this run's log lines)."""
+        since = len(self.log())
+        self.start()
+        self.wait_for_log("tokensync started", timeout=WAIT_SECONDS, since=since)
+        if WATCH == "namespace":
+            self.wait_for_log(NAMESPACE_FALLBACK_LOG, timeout=NAMESPACE_FALLBACK_SECONDS, since=since)
 
     def stop(self, timeout: float = 30) -> int | None:
         process, self.process = self.process, None
@@ -377,6 +400,7 @@ class Cluster:
     token_lifetime: int = TOKEN_LIFETIME
     wait_seconds: float = WAIT_SECONDS
     watch: str = WATCH
+    kills: int = KILLS
     #: Every secret value the test handed out or saw, for the log leak check.
     secret_values: set[str] = field(default_factory=set)
 
