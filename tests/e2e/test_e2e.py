@@ -255,8 +255,9 @@ def test_a_second_replica_never_spends_a_refresh_token_twice(cluster, ready, tmp
     reused = idp.refresh_token_reuse_count("pw-client")
     password_grants = idp.token_request_count("pw-client", "password")
     first = cluster.operator
-    # Its own identity, as a second Pod would have; the same kubeconfig, so the same RBAC.
-    env = {**first.env, "TOKENSYNC_IDENTITY": "e2e-replica-1"}
+    # Its own identity, as a second Pod would have, and its own metrics port (Pods do not
+    # share ports; two processes on this machine do); the same kubeconfig, so the same RBAC.
+    env = {**first.env, "TOKENSYNC_IDENTITY": "e2e-replica-1", "TOKENSYNC_METRICS_PORT": "0"}
     replica = type(first)(first.command, env, tmp_path / "replica.log")
     replica.start()
     problems: list[str] = []
