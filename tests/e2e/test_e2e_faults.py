@@ -33,7 +33,6 @@ import base64
 import calendar
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -45,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +61,15 @@ from support.faults import (
     FaultProxy,
     ProxiedRequest,
     SecretSampler,
+    cc_spec,
+    counting,
     credential_world,
+    hostile_specs,
     scan_for_leaks,
     stored_tokens,
     valid_token_problems,
 )
+from support.operator import eventually
 from tokensync.models.credential import OAuthCredential
 
 GROUP_VERSION = "tokensync.dev/v1alpha1"
@@ -222,23 +225,9 @@ def world(cluster, api: str) -> World:
 
 @pytest.fixture
 def counts(request: pytest.FixtureRequest) -> Iterator[Counts]:
-    """This scenario's figures, named by the first line of the test's docstring; this
-    process's log records are watched for secrets too (as in tests/faults)."""
-    doc = (request.function.__doc__ or request.node.name).strip().splitlines()[0].rstrip(".")
-    result = Counts(scenario=doc)
-    watch = leaks.LeakWatch()
-    root = logging.getLogger()
-    root.addHandler(watch)
-    started = time.monotonic()
-    try:
+    """This scenario's figures (:func:`support.faults.counting`, as in tests/faults)."""
+    with counting(request) as result:
         yield result
-    finally:
-        root.removeHandler(watch)
-        result.seconds = time.monotonic() - started
-        hits = leaks.scan_records(watch.take())
-        if hits:
-            result.leaked += len(hits)
-            result.details.extend(sorted(set(hits))[:5])
 
 
 def report(request: pytest.FixtureRequest, counts: Counts, seconds: float) -> None:
@@ -249,6 +238,18 @@ def report(request: pytest.FixtureRequest, counts: Counts, seconds: float) -> No
         print(f"    {detail}", file=sys.stderr)
     request.node.user_properties.append(("fault counts", counts.line()))
     counts.assert_clean()
+
+
+def finish(
+    request: pytest.FixtureRequest, counts: Counts, world: World, operator: Any, since: int, started: float
+) -> None:
+    """Leaks in the namespace and the session operator's log since ``since``, its log problems: then report."""
+    leaked = world.leak_report() + world.log_leaks({"operator log": operator.log()[since:]})
+    counts.leaked += len(leaked)
+    counts.details += leaked
+    for problem in session_log_problems(operator, since):
+        counts.check(False, problem)
+    report(request, counts, time.monotonic() - started)
 
 
 def written_expiry(data: dict[str, str]) -> float:
@@ -340,85 +341,25 @@ def test_outage_shorter_than_the_token_life_is_invisible(request, cluster, world
     finally:
         world.delete_credentials(names)
         idp.stop()
-    leaked = world.leak_report() + world.log_leaks({"operator log": operator.log()[since:]})
-    counts.leaked += len(leaked)
-    counts.details += leaked
-    for problem in session_log_problems(operator, since):
-        counts.check(False, problem)
-    report(request, counts, time.monotonic() - started)
+    finish(request, counts, world, operator, since, started)
 
 
 # -- 2. hostile specs --------------------------------------------------------------------------------
 
-MIB = 1024 * 1024
 #: The longest status message a human can still read in `kubectl describe`.
 MAX_MESSAGE = 4096
 HOSTILE_LIFETIME = 10
 
 
-def _cc(token_url: str, **changes: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "issuer": {"tokenURL": token_url},
-        "grant": {"type": "client_credentials", "clientID": CC_CLIENT,
-                  "clientSecretRef": {"name": "cc-src", "key": "secret"}},
-    }  # fmt: skip
-    for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
-
-
 def _hostile(token_url: str, good: str, victim: str) -> dict[str, tuple[dict[str, Any], str, str]]:
-    """name -> (spec, reason expected if the API server lets it through, text naming the field)."""
-    template = "target.template"
-    blow_up = "{{ " + " ~ ".join(["access_token"] * 1000) + " }}"
+    """The fault suite's hostile specs, plus Secrets another credential owns as the target:
+    its target, and its state (its token set)."""
     state = f"{good}-tokensync-state"
     return {
-        # Wrong types.
-        "fh-type-grant": (_cc(token_url, grant="client_credentials"), "InvalidSpec", "spec.grant"),
-        "fh-type-scopes": (_cc(token_url, **{"grant.scopes": "read"}), "InvalidSpec", "spec.grant.scopes"),
-        "fh-type-timeout": (_cc(token_url, **{"issuer.timeout": 10}), "InvalidSpec", "spec.issuer.timeout"),
-        "fh-type-template": (_cc(token_url, **{"target.template": ["x"]}), "InvalidSpec", template),
-        "fh-type-labels": (_cc(token_url, **{"target.labels": {"a": {"b": "c"}}}), "InvalidSpec", "target.labels"),
-        # Huge strings (an API server takes requests up to ~3 MiB, objects up to ~1.5 MiB).
-        "fh-huge-client-id": (_cc(token_url, **{"grant.clientID": "c" * (MIB - 64 * 1024)}), "InvalidSpec",
-                              "spec.grant.clientID"),
-        "fh-huge-template": (_cc(token_url, **{"target.template": {"k": "x" * (MIB - 64 * 1024)}}), "InvalidSpec",
-                             template),
-        # Reaching into another namespace (whose Secret exists only there).
-        "fh-cross-ns-ref": (_cc(token_url, **{"grant.clientSecretRef": {"name": "victim-src", "key": "secret",
-                                                                         "namespace": victim}}),
-                            "InvalidSpec", "clientSecretRef"),
-        "fh-cross-ns-path": (_cc(token_url, **{"grant.clientSecretRef": {"name": f"{victim}/victim-src",
-                                                                          "key": "secret"}}),
-                             "InvalidSpec", "clientSecretRef.name"),
-        "fh-cross-ns-target": (_cc(token_url, target={"secretName": "stolen", "namespace": victim}), "InvalidSpec",
-                               "spec.target"),
-        # Secrets that are not this credential's as the target: a user's, another credential's
-        # target, another credential's state (its token set).
-        "fh-foreign-target": (_cc(token_url, target={"secretName": "fh-foreign"}), "SecretConflict",
-                              "Secret fh-foreign"),
-        "fh-other-target": (_cc(token_url, target={"secretName": good}), "SecretConflict", f"Secret {good} "),
-        "fh-state-target": (_cc(token_url, target={"secretName": state}), "SecretConflict", f"Secret {state}"),
-        # Templates that try to do more than put a token field somewhere.
-        "fh-tpl-file": (_cc(token_url, **{"target.template": {"k": "{{ open('/etc/passwd') }}"}}), "InvalidSpec",
-                        template),
-        "fh-tpl-attribute": (_cc(token_url, **{"target.template": {"k": "{{ access_token.__class__ }}"}}),
-                             "InvalidSpec", template),
-        "fh-tpl-item": (_cc(token_url, **{"target.template": {"k": "{{ access_token[0] }}"}}), "InvalidSpec",
-                        template),
-        "fh-tpl-loop": (_cc(token_url, **{"target.template": {"k": "{% for c in access_token %}{{ c }}{% endfor %}"}}),
-                        "InvalidSpec", template),
-        "fh-tpl-refresh-token": (_cc(token_url, **{"target.template": {"k": "{{ refresh_token }}"}}), "InvalidSpec",
-                                 template),
-        "fh-tpl-filter-chain": (_cc(token_url, **{"target.template": {"k": "{{ access_token" + " | json" * 40 + " }}"}}),
-                                "InvalidSpec", template),
-        "fh-tpl-output-size": (_cc(token_url, **{"target.template": {f"k{i}": blow_up for i in range(32)}}),
-                               "InvalidSpec", template),
-    }  # fmt: skip
+        **hostile_specs(token_url, prefix="fh-", victim=victim, victim_secret="victim-src", foreign="fh-foreign"),
+        "fh-other-target": (cc_spec(token_url, target={"secretName": good}), "SecretConflict", f"Secret {good} "),
+        "fh-state-target": (cc_spec(token_url, target={"secretName": state}), "SecretConflict", f"Secret {state}"),
+    }
 
 
 #: Hostile specs a real API server may refuse (the CRD's schema: types, lengths,
@@ -528,12 +469,7 @@ def test_hostile_specs(request, cluster, world, api, make_idp, counts):
         if os.environ.get("TOKENSYNC_E2E_KEEP", "") != "1":
             kubectl.run("delete", "namespace", victim, "--ignore-not-found", "--wait=false", check=False)
         idp.stop()
-    leaked = world.leak_report() + world.log_leaks({"operator log": operator.log()[since:]})
-    counts.leaked += len(leaked)
-    counts.details += leaked
-    for problem in session_log_problems(operator, since):
-        counts.check(False, problem)
-    report(request, counts, time.monotonic() - started)
+    finish(request, counts, world, operator, since, started)
 
 
 def wait_for_condition(world: World, name: str, timeout: float) -> dict[str, Any] | None:
@@ -545,16 +481,6 @@ def wait_for_condition(world: World, name: str, timeout: float) -> dict[str, Any
             return condition
         time.sleep(0.25)
     return None
-
-
-def eventually(probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if probe():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 # -- 3. the operator SIGKILLed mid-refresh ----------------------------------------------------------

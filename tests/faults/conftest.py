@@ -6,42 +6,21 @@ asserts its own counts are 0; the summary printed after the test run shows them 
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from support import leaks
-from support.faults import Counts, OperatorProcesses, operator_processes
+from support.faults import Counts, OperatorProcesses, counting, operator_processes
 
 _RESULTS: list[Counts] = []
 
 
 @pytest.fixture
 def counts(request: pytest.FixtureRequest) -> Iterator[Counts]:
-    """This scenario's figures; named by the test's ``SCENARIO`` marker-free docstring title.
-
-    Also watches this process's log records (the emulator, an in-process operator, the
-    proxy) for secrets and adds hits to ``leaked``.
-    """
-    doc = (request.function.__doc__ or request.node.name).strip().splitlines()[0].rstrip(".")
-    result = Counts(scenario=doc)
-    watch = leaks.LeakWatch()
-    root = logging.getLogger()
-    root.addHandler(watch)
-    started = time.monotonic()
-    try:
-        yield result
-    finally:
-        root.removeHandler(watch)
-        result.seconds = time.monotonic() - started
+    """This scenario's figures (:func:`support.faults.counting`), kept for the summary."""
+    with counting(request) as result:
         _RESULTS.append(result)
-    # Records of this process carrying a secret; the suite-wide check fails the test too.
-    hits = leaks.scan_records(watch.take())
-    if hits:
-        result.leaked += len(hits)
-        result.details.extend(sorted(set(hits))[:5])
+        yield result
 
 
 @pytest.fixture(scope="session")

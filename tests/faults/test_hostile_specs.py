@@ -14,71 +14,12 @@ import time
 
 import kubernetes.client
 
-from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
+from support.faults import FaultProxy, SecretSampler, credential_world, hostile_specs, valid_token_problems
 from support.operator import Cluster, eventually, running_operator, wait_until
 from tokensync.models.settings import OperatorSettings
 
-MIB = 1024 * 1024
 #: The longest status message a human can still read in `kubectl describe`.
 MAX_MESSAGE = 4096
-
-
-def _cc(token_url: str, **changes):
-    spec = {
-        "issuer": {"tokenURL": token_url},
-        "grant": {"type": "client_credentials", "clientID": "cc-client",
-                  "clientSecretRef": {"name": "cc-src", "key": "secret"}},
-    }  # fmt: skip
-    for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
-
-
-def _hostile(token_url: str) -> dict[str, tuple[dict, str, str]]:
-    """name -> (spec, expected reason, text the message must contain: the field)."""
-    template = "target.template"
-    blow_up = "{{ " + " ~ ".join(["access_token"] * 1000) + " }}"
-    return {
-        # Wrong types.
-        "type-grant": (_cc(token_url, grant="client_credentials"), "InvalidSpec", "spec.grant"),
-        "type-scopes": (_cc(token_url, **{"grant.scopes": "read"}), "InvalidSpec", "spec.grant.scopes"),
-        "type-timeout": (_cc(token_url, **{"issuer.timeout": 10}), "InvalidSpec", "spec.issuer.timeout"),
-        "type-template": (_cc(token_url, **{"target.template": ["x"]}), "InvalidSpec", template),
-        "type-labels": (_cc(token_url, **{"target.labels": {"a": {"b": "c"}}}), "InvalidSpec", "target.labels"),
-        # Huge strings (the emulator takes bodies up to 1 MiB, as an API server takes ~1.5 MiB).
-        "huge-client-id": (_cc(token_url, **{"grant.clientID": "c" * (MIB - 64 * 1024)}), "InvalidSpec",
-                           "spec.grant.clientID"),
-        "huge-template": (_cc(token_url, **{"target.template": {"k": "x" * (MIB - 64 * 1024)}}), "InvalidSpec",
-                          template),
-        # Reaching into other namespaces.
-        "cross-ns-ref": (_cc(token_url, **{"grant.clientSecretRef": {"name": "cc-src", "key": "secret",
-                                                                      "namespace": "victim"}}),
-                         "InvalidSpec", "clientSecretRef"),
-        "cross-ns-path": (_cc(token_url, **{"grant.clientSecretRef": {"name": "victim/cc-src", "key": "secret"}}),
-                          "InvalidSpec", "clientSecretRef.name"),
-        "cross-ns-target": (_cc(token_url, target={"secretName": "stolen", "namespace": "victim"}), "InvalidSpec",
-                            "spec.target"),
-        # Someone else's Secret as the target.
-        "foreign-target": (_cc(token_url, target={"secretName": "foreign"}), "SecretConflict", "Secret foreign"),
-        # Templates that try to do more than put a token field somewhere.
-        "tpl-file": (_cc(token_url, **{"target.template": {"k": "{{ open('/etc/passwd') }}"}}), "InvalidSpec",
-                     template),
-        "tpl-attribute": (_cc(token_url, **{"target.template": {"k": "{{ access_token.__class__ }}"}}),
-                          "InvalidSpec", template),
-        "tpl-item": (_cc(token_url, **{"target.template": {"k": "{{ access_token[0] }}"}}), "InvalidSpec", template),
-        "tpl-loop": (_cc(token_url, **{"target.template": {"k": "{% for c in access_token %}{{ c }}{% endfor %}"}}),
-                     "InvalidSpec", template),
-        "tpl-refresh-token": (_cc(token_url, **{"target.template": {"k": "{{ refresh_token }}"}}), "InvalidSpec",
-                              template),
-        "tpl-filter-chain": (_cc(token_url, **{"target.template": {"k": "{{ access_token" + " | json" * 40 + " }}"}}),
-                             "InvalidSpec", template),
-        "tpl-output-size": (_cc(token_url, **{"target.template": {f"k{i}": blow_up for i in range(32)}}),
-                            "InvalidSpec", template),
-    }  # fmt: skip
 
 
 class _Crashes(logging.Handler):
@@ -111,7 +52,7 @@ def test_hostile_specs(counts, kube, kube_api, make_idp):
         with FaultProxy(idp.url) as proxy:
             specs = credential_world(cluster, idp, proxy.token_url, password=0, refresh_token=0)
             good = next(iter(specs))
-            hostile = _hostile(proxy.token_url)
+            hostile = hostile_specs(proxy.token_url)
             sampler = SecretSampler([(kube.url, "default", good)], introspect=lambda t: idp.introspect(t))
             settings = OperatorSettings(backoff_initial=0.5, backoff_max=2, metrics_port=0)
             with running_operator(kube.url, settings=settings) as operator, sampler:

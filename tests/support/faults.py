@@ -20,6 +20,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -48,7 +49,10 @@ __all__ = [
     "ProxiedRequest",
     "SecretSampler",
     "bootstrap_refresh_token",
+    "cc_spec",
+    "counting",
     "credential_world",
+    "hostile_specs",
     "merge_patch",
     "request_refresh",
     "scan_for_leaks",
@@ -760,6 +764,106 @@ def credential_world(
             **extra,
         }  # fmt: skip
     return specs
+
+
+# -- hostile specs -------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def cc_spec(token_url: str, **changes: Any) -> dict[str, Any]:
+    """A client_credentials spec (``cc-client``, secret in ``cc-src``) with ``changes`` by dotted path."""
+    spec: dict[str, Any] = {
+        "issuer": {"tokenURL": token_url},
+        "grant": {"type": "client_credentials", "clientID": CC_CLIENT,
+                  "clientSecretRef": {"name": "cc-src", "key": "secret"}},
+    }  # fmt: skip
+    for path, value in changes.items():
+        node = spec
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return spec
+
+
+def hostile_specs(
+    token_url: str, *, prefix: str = "", victim: str = "victim", victim_secret: str = "cc-src", foreign: str = "foreign"
+) -> dict[str, tuple[dict[str, Any], str, str]]:
+    """``prefix + name`` -> (spec, reason expected, text the message must contain: the field).
+
+    ``victim`` is another namespace holding ``victim_secret``; ``foreign`` a Secret of the
+    credentials' namespace that tokensync did not create.
+    """
+    template = "target.template"
+    blow_up = "{{ " + " ~ ".join(["access_token"] * 1000) + " }}"
+    specs = {
+        # Wrong types.
+        "type-grant": (cc_spec(token_url, grant="client_credentials"), "InvalidSpec", "spec.grant"),
+        "type-scopes": (cc_spec(token_url, **{"grant.scopes": "read"}), "InvalidSpec", "spec.grant.scopes"),
+        "type-timeout": (cc_spec(token_url, **{"issuer.timeout": 10}), "InvalidSpec", "spec.issuer.timeout"),
+        "type-template": (cc_spec(token_url, **{"target.template": ["x"]}), "InvalidSpec", template),
+        "type-labels": (cc_spec(token_url, **{"target.labels": {"a": {"b": "c"}}}), "InvalidSpec", "target.labels"),
+        # Huge strings (an API server takes requests up to ~3 MiB, objects up to ~1.5 MiB; the
+        # emulator bodies up to 1 MiB).
+        "huge-client-id": (cc_spec(token_url, **{"grant.clientID": "c" * (MIB - 64 * 1024)}), "InvalidSpec",
+                           "spec.grant.clientID"),
+        "huge-template": (cc_spec(token_url, **{"target.template": {"k": "x" * (MIB - 64 * 1024)}}), "InvalidSpec",
+                          template),
+        # Reaching into another namespace.
+        "cross-ns-ref": (cc_spec(token_url, **{"grant.clientSecretRef": {"name": victim_secret, "key": "secret",
+                                                                          "namespace": victim}}),
+                         "InvalidSpec", "clientSecretRef"),
+        "cross-ns-path": (cc_spec(token_url, **{"grant.clientSecretRef": {"name": f"{victim}/{victim_secret}",
+                                                                           "key": "secret"}}),
+                          "InvalidSpec", "clientSecretRef.name"),
+        "cross-ns-target": (cc_spec(token_url, target={"secretName": "stolen", "namespace": victim}), "InvalidSpec",
+                            "spec.target"),
+        # Someone else's Secret as the target.
+        "foreign-target": (cc_spec(token_url, target={"secretName": foreign}), "SecretConflict", f"Secret {foreign}"),
+        # Templates that try to do more than put a token field somewhere.
+        "tpl-file": (cc_spec(token_url, **{"target.template": {"k": "{{ open('/etc/passwd') }}"}}), "InvalidSpec",
+                     template),
+        "tpl-attribute": (cc_spec(token_url, **{"target.template": {"k": "{{ access_token.__class__ }}"}}),
+                          "InvalidSpec", template),
+        "tpl-item": (cc_spec(token_url, **{"target.template": {"k": "{{ access_token[0] }}"}}), "InvalidSpec",
+                     template),
+        "tpl-loop": (cc_spec(token_url, **{"target.template": {"k": "{% for c in access_token %}{{ c }}{% endfor %}"}}),
+                     "InvalidSpec", template),
+        "tpl-refresh-token": (cc_spec(token_url, **{"target.template": {"k": "{{ refresh_token }}"}}), "InvalidSpec",
+                              template),
+        "tpl-filter-chain": (cc_spec(token_url,
+                                     **{"target.template": {"k": "{{ access_token" + " | json" * 40 + " }}"}}),
+                             "InvalidSpec", template),
+        "tpl-output-size": (cc_spec(token_url, **{"target.template": {f"k{i}": blow_up for i in range(32)}}),
+                            "InvalidSpec", template),
+    }  # fmt: skip
+    return {prefix + name: entry for name, entry in specs.items()}
+
+
+# -- per-scenario figures ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting(request: Any) -> Iterator[Counts]:
+    """A scenario's :class:`Counts`, named by the first line of the test's docstring; this
+    process's log records (the emulator, an in-process operator, the proxy) are watched
+    for secrets meanwhile, and hits are added to ``leaked``."""
+    doc = (request.function.__doc__ or request.node.name).strip().splitlines()[0].rstrip(".")
+    result = Counts(scenario=doc)
+    watch = leaks.LeakWatch()
+    root = logging.getLogger()
+    root.addHandler(watch)
+    started = time.monotonic()
+    try:
+        yield result
+    finally:
+        root.removeHandler(watch)
+        result.seconds = time.monotonic() - started
+        hits = leaks.scan_records(watch.take())
+        if hits:
+            result.leaked += len(hits)
+            result.details.extend(sorted(set(hits))[:5])
 
 
 def valid_token_problems(cluster: Any, idp: Any, names: Iterable[str]) -> list[str]:
