@@ -59,14 +59,14 @@ from support.faults import (
     STATUS,
     Counts,
     FaultProxy,
-    ProxiedRequest,
+    KillSwitch,
     SecretSampler,
     cc_spec,
     counting,
     credential_world,
     hostile_specs,
+    rotations_stored,
     scan_for_leaks,
-    stored_tokens,
     valid_token_problems,
 )
 from support.operator import eventually
@@ -562,9 +562,7 @@ def test_operator_sigkilled_mid_refresh(request, cluster, world, api, make_idp, 
     kinds: Counter[str] = Counter()
     kill_log: list[tuple[float, str]] = []
     names: list[str] = []
-    state: dict[str, Any] = {"process": None, "armed": "", "killed_at": 0.0, "forced": 0, "bystander_waits": 0}
-    lock = threading.Lock()
-    fired = threading.Event()
+    state: dict[str, Any] = {"process": None, "killed_at": 0.0, "forced": 0, "bystander_waits": 0}
     stop_watching = threading.Event()
 
     def spawn() -> Any:
@@ -607,31 +605,15 @@ def test_operator_sigkilled_mid_refresh(request, cluster, world, api, make_idp, 
             counts.details.append(f"other refresh_token-only credentials never killed near renewal: {len(bystanders)}")
 
             def quiet() -> bool:
-                """Nothing of a refresh_token-only credential in flight, every rotated token stored."""
-                if proxy.in_flight(RT_ONLY_CLIENT):
-                    return False
-                live = proxy.live_refresh_tokens(RT_ONLY_CLIENT)
-                if live and not live <= stored_tokens(api, world.namespace, live):
+                """Every refresh_token-only chain is safe (ours stored, the bystanders' not due)."""
+                if not rotations_stored(proxy, api, world.namespace):
                     return False
                 if bystanders and bystanders_due(api, bystanders):
                     state["bystander_waits"] += 1
                     return False
                 return True
 
-            proxy.fence = lambda r: r.client_id == RT_ONLY_CLIENT
-
-            def kill_on(when: str, r: ProxiedRequest) -> bool:
-                with lock:
-                    if state["armed"] != when or r.client_id not in (CC_CLIENT, PASSWORD_CLIENT):
-                        return False
-                    if not proxy.kill_if(quiet, kill):
-                        return False
-                    state["armed"] = ""
-                fired.set()
-                return True
-
-            proxy.on_request = lambda r: kill_on("before-send", r)
-            proxy.on_response = lambda r: bool(kill_on("after-answer", r))
+            switch = KillSwitch(proxy, quiet, kill)
 
             state["process"] = spawn()
             state["process"].wait_for_log(STARTED, timeout=cluster.wait_seconds)
@@ -644,17 +626,11 @@ def test_operator_sigkilled_mid_refresh(request, cluster, world, api, make_idp, 
             with sampler:
                 for i in range(kills):
                     kind = rng.choice(["random", "before-send", "after-answer"])
-                    if kind != "random":
-                        fired.clear()
-                        with lock:
-                            state["armed"] = kind
-                        if not fired.wait(KILL_WAIT):  # no matching request in time: a random kill instead
-                            with lock:
-                                state["armed"] = ""
-                            kind = kind if fired.is_set() else "random"
+                    if kind != "random" and not switch.at(kind, KILL_WAIT):
+                        kind = "random"  # no matching request in time: a random kill instead
                     if kind == "random":
                         time.sleep(rng.uniform(0.2, 4.0))
-                        if not eventually(lambda: proxy.kill_if(quiet, kill), KILL_WAIT, interval=0.05):
+                        if not switch.now(KILL_WAIT):
                             state["forced"] += 1
                             counts.details.append("a random kill could not wait for a quiet moment: killed anyway")
                             kill()

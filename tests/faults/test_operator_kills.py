@@ -29,21 +29,19 @@ process wrote but the proxy had not read yet (``FaultProxy.kill_if``).
 from __future__ import annotations
 
 import random
-import threading
 import time
 
 import pytest
 
 from support.faults import (
-    CC_CLIENT,
     PASSWORD_CLIENT,
     RT_ONLY_CLIENT,
     FaultProxy,
-    ProxiedRequest,
+    KillSwitch,
     SecretSampler,
     credential_world,
+    rotations_stored,
     scan_for_leaks,
-    stored_tokens,
     valid_token_problems,
 )
 from support.operator import Cluster, eventually
@@ -86,33 +84,12 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         specs = credential_world(cluster, idp, proxy.token_url, cc=1, password=2, refresh_token=2)
         names = list(specs)
 
-        def rt_quiet() -> bool:
-            if proxy.in_flight(RT_ONLY_CLIENT):
-                return False
-            live = proxy.live_refresh_tokens(RT_ONLY_CLIENT)
-            return not live or live <= stored_tokens(kube.url, "default", live)
-
-        proxy.fence = lambda request: request.client_id == RT_ONLY_CLIENT
-
-        state = {"pid": operators.spawn(kube.url, SETTINGS, "kills.log"), "armed": ""}
-        fired = threading.Event()
-        lock = threading.Lock()
+        state = {"pid": operators.spawn(kube.url, SETTINGS, "kills.log")}
 
         def kill() -> None:
             operators.kill(state["pid"])
 
-        def kill_on(when: str, request: ProxiedRequest) -> bool:
-            with lock:
-                if state["armed"] != when or request.client_id not in (CC_CLIENT, PASSWORD_CLIENT):
-                    return False
-                if not proxy.kill_if(rt_quiet, kill):
-                    return False
-                state["armed"] = ""
-            fired.set()
-            return True
-
-        proxy.on_request = lambda request: kill_on("before-send", request)
-        proxy.on_response = lambda request: bool(kill_on("after-answer", request))
+        switch = KillSwitch(proxy, lambda: rotations_stored(proxy, kube.url, "default"), kill)
 
         cluster.apply_until_ready(specs, timeout=40)
         sampler = SecretSampler(
@@ -122,17 +99,11 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         with sampler:
             for i in range(KILLS):
                 kind = rng.choice(["random", "before-send", "after-answer"])
-                if kind != "random":
-                    fired.clear()
-                    with lock:
-                        state["armed"] = kind
-                    if not fired.wait(8):  # no matching request in time: fall back to a random kill
-                        with lock:
-                            state["armed"] = ""
-                        kind = "random" if not fired.is_set() else kind
+                if kind != "random" and not switch.at(kind, 8):
+                    kind = "random"  # no matching request in time: a random kill instead
                 if kind == "random":
                     time.sleep(rng.uniform(0.1, 2.0))
-                    if not eventually(lambda: proxy.kill_if(rt_quiet, kill), 10, interval=0.05):
+                    if not switch.now(10):
                         counts.details.append("a random kill could not wait for refresh tokens to be stored")
                         kill()
                 killed_at = time.time()

@@ -45,6 +45,7 @@ __all__ = [
     "RT_ONLY_CLIENT",
     "Counts",
     "FaultProxy",
+    "KillSwitch",
     "OperatorProcesses",
     "ProxiedRequest",
     "SecretSampler",
@@ -55,6 +56,7 @@ __all__ = [
     "hostile_specs",
     "merge_patch",
     "request_refresh",
+    "rotations_stored",
     "scan_for_leaks",
     "stored_tokens",
     "valid_token_problems",
@@ -764,6 +766,73 @@ def credential_world(
             **extra,
         }  # fmt: skip
     return specs
+
+
+# -- killing the operator mid-refresh ------------------------------------------------------
+
+
+def rotations_stored(proxy: FaultProxy, api_url: str, namespace: str) -> bool:
+    """No refresh_token-only request in flight at ``proxy``, and every refresh token such a
+    credential was sent is in a Secret of ``namespace``: a kill now loses no chain.
+
+    The one window no client survives is the opposite: the rotating token sent, the
+    answer not yet stored (nothing to log in again with).
+    """
+    if proxy.in_flight(RT_ONLY_CLIENT):
+        return False
+    live = proxy.live_refresh_tokens(RT_ONLY_CLIENT)
+    return not live or live <= stored_tokens(api_url, namespace, live)
+
+
+class KillSwitch:
+    """Kills the operator (``kill()``) only when ``quiet()``, atomically with ``proxy``
+    (:meth:`FaultProxy.kill_if`), which also drops refresh_token-only requests a killed
+    process had written (its fence).
+
+    :meth:`at` kills when the next token request of a credential that can log in again
+    (client_credentials, password) reaches the proxy (``before-send``: dropped, the IdP
+    never sees it) or has been answered by the IdP (``after-answer``: the answer dies with
+    the process); :meth:`now` kills as soon as it is quiet.
+    """
+
+    def __init__(self, proxy: FaultProxy, quiet: Callable[[], bool], kill: Callable[[], None]) -> None:
+        self.proxy, self.quiet, self.kill = proxy, quiet, kill
+        self._armed = ""
+        self._lock = threading.Lock()
+        self._fired = threading.Event()
+        proxy.fence = lambda request: request.client_id == RT_ONLY_CLIENT
+        proxy.on_request = lambda request: self._on("before-send", request)
+        proxy.on_response = lambda request: bool(self._on("after-answer", request))
+
+    def _on(self, when: str, request: ProxiedRequest) -> bool:
+        with self._lock:
+            if self._armed != when or request.client_id not in (CC_CLIENT, PASSWORD_CLIENT):
+                return False
+            if not self.proxy.kill_if(self.quiet, self.kill):
+                return False
+            self._armed = ""
+        self._fired.set()
+        return True
+
+    def at(self, when: str, timeout: float) -> bool:
+        """Kill at ``when`` (``before-send`` or ``after-answer``); false if no such moment came."""
+        self._fired.clear()
+        with self._lock:
+            self._armed = when
+        if self._fired.wait(timeout):
+            return True
+        with self._lock:
+            self._armed = ""
+        return self._fired.is_set()
+
+    def now(self, timeout: float) -> bool:
+        """Kill as soon as it is quiet; false if it was not within ``timeout`` (nothing killed)."""
+        deadline = time.monotonic() + timeout
+        while not self.proxy.kill_if(self.quiet, self.kill):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 # -- hostile specs -------------------------------------------------------------------------
