@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from support.api_faults import FaultyCluster
-from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
+from support.faults import FaultProxy, SecretSampler, credential_world, tally_harm, valid_token_problems
 from support.kube import PROJECT_CRDS
 from support.operator import Cluster, eventually, running_operator
 from tokensync.devkit.kube import RunningCluster, cluster_in_thread, read_crds
@@ -98,14 +98,8 @@ def test_api_server_errors_conflicts_and_dropped_watches(counts, faulty_kube, ma
                 len(proxy.token_requests()) > len(renewals) + 2 * len(names),
                 "the credentials did not keep renewing through the faults",
             )
-        problems = valid_token_problems(cluster, idp, names)
         counts.faults = sum(emulator.injected.values())
-        counts.lost = len(problems)
-        counts.expired = sampler.expired_samples
-        counts.spent_twice = max(idp.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
-        leaked = cluster.leak_report()
-        counts.leaked += len(leaked)
-        counts.details += problems + sampler.violations + leaked
+        tally_harm(counts, cluster, idp, names, sampler, proxy)
         counts.details.append(f"faults by mode: {dict(emulator.injected)}, {sampler.samples} samples")
     counts.check(emulator.injected["watch dropped"] >= 3, "no watch connection was open to drop")
     counts.assert_clean()

@@ -22,6 +22,7 @@ from support.faults import (
     SecretSampler,
     credential_world,
     request_refresh,
+    tally_harm,
     valid_token_problems,
 )
 from support.operator import Cluster, eventually, running_operator, wait_until
@@ -104,15 +105,8 @@ def test_identity_provider_errors_and_outages(counts, kube, kube_api, make_idp):
             # The IdP never hears of the refresh_token-only credential's lost request here.
             assert all(r.client_id != RT_ONLY_CLIENT for r in proxy.requests if r.fault == LOSE)
             time.sleep(1)  # one more sampling round after the last renewal
-        problems = valid_token_problems(cluster, idp, names)
         counts.faults += proxy.faults + proxy.upstream_failures
-        counts.lost = len(problems)
-        counts.expired = sampler.expired_samples
-        counts.spent_twice = max(reuse_before_restarts + idp.admin.refresh_token_reuse_count(),
-                                 proxy.refresh_tokens_spent_twice)  # fmt: skip
-        leaked = cluster.leak_report()
-        counts.leaked += len(leaked)
-        counts.details += problems + sampler.violations + leaked
+        tally_harm(counts, cluster, idp, names, sampler, proxy, reused_before=reuse_before_restarts)
         counts.details.append(f"faults by mode: {dict(proxy.faults_by_mode)}, {sampler.samples} samples")
     counts.assert_clean()
 
@@ -169,12 +163,7 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
         for name in names:
             counts.check(held[name] <= {before[name]}, f"{name}: the Secret lost its valid token during the 429s")
         counts.faults += proxy.faults
-        counts.lost = len(problems := valid_token_problems(cluster, idp, names))
-        counts.expired = sampler.expired_samples
-        counts.spent_twice = max(idp.admin.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
-        leaked = cluster.leak_report()
-        counts.leaked += len(leaked)
-        counts.details += problems + sampler.violations + leaked
+        tally_harm(counts, cluster, idp, names, sampler, proxy)
     counts.assert_clean()
 
 
@@ -211,11 +200,5 @@ def test_outage_shorter_than_the_token_life_is_invisible(counts, kube, kube_api,
                 eventually(lambda: not valid_token_problems(cluster, idp, names), 5),
                 "not every credential was Ready with an active token after the outage",
             )
-        problems = valid_token_problems(cluster, idp, names)
-        counts.lost = len(problems)
-        counts.expired = sampler.expired_samples
-        counts.spent_twice = max(idp.admin.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
-        leaked = cluster.leak_report()
-        counts.leaked += len(leaked)
-        counts.details += problems + sampler.violations + leaked
+        tally_harm(counts, cluster, idp, names, sampler, proxy)
     counts.assert_clean()

@@ -41,7 +41,7 @@ from support.faults import (
     SecretSampler,
     credential_world,
     rotations_stored,
-    scan_for_leaks,
+    tally_harm,
     valid_token_problems,
 )
 from support.operator import Cluster, eventually
@@ -124,14 +124,8 @@ def test_operator_sigkilled_mid_refresh(counts, kube, kube_api, make_idp, operat
         counts.details.append(f"{proxy.fenced_out} refresh_token requests written by a killed process, dropped")
         counts.details.append(f"{sampler.samples} samples, {sampler.tolerated_samples} tolerated after restarts")
         operators.terminate(state["pid"])
-        problems = valid_token_problems(cluster, idp, names)
         counts.faults = sum(kinds.values())
-        counts.lost = len(problems)
-        counts.expired = sampler.expired_samples
-        counts.spent_twice = max(idp.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
-        leaked = cluster.leak_report() + scan_for_leaks({"operator log": operators.log_text()})
-        counts.leaked += len(leaked)
-        counts.details += problems + sampler.violations + leaked
+        tally_harm(counts, cluster, idp, names, sampler, proxy, logs={"operator log": operators.log_text()})
         reasons = {n: (cluster.condition(n) or {}).get("reason") for n in names}
         counts.details.append(f"final reasons: {reasons}")
         counts.details.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from support.faults import FaultProxy, SecretSampler, credential_world, valid_token_problems
+from support.faults import FaultProxy, SecretSampler, credential_world, tally_harm
 from support.operator import Cluster, eventually, running_operator
 from support.redis_server import RedisServer
 from tokensync.models.settings import OperatorSettings
@@ -72,13 +72,8 @@ def test_redis_killed_and_restarted(counts, kube, kube_api, make_idp, tmp_path):
                     )
                     # A little steady state after each restart: a full renewal round on Redis.
                     time.sleep(LIFETIME / 2)
-            problems = valid_token_problems(cluster, idp, names)
-            counts.lost = len(problems)
-            counts.expired = sampler.expired_samples
-            counts.spent_twice = max(idp.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
-            leaked = cluster.leak_report()
-            counts.leaked += len(leaked)
-            counts.details += problems + sampler.violations + leaked + proxy.reuse_report()
+            tally_harm(counts, cluster, idp, names, sampler, proxy)
+            counts.details += proxy.reuse_report()
             counts.details.append(f"{sampler.samples} samples")
     finally:
         redis_server.stop()

@@ -59,6 +59,7 @@ __all__ = [
     "rotations_stored",
     "scan_for_leaks",
     "stored_tokens",
+    "tally_harm",
     "valid_token_problems",
 ]
 
@@ -933,6 +934,30 @@ def counting(request: Any) -> Iterator[Counts]:
         if hits:
             result.leaked += len(hits)
             result.details.extend(sorted(set(hits))[:5])
+
+
+def tally_harm(
+    counts: Counts,
+    cluster: Any,
+    idp: Any,
+    names: Iterable[str],
+    sampler: SecretSampler,
+    proxy: FaultProxy,
+    *,
+    reused_before: int = 0,
+    logs: dict[str, str] | None = None,
+) -> None:
+    """The four harms of a scenario into ``counts``, with their details: credentials not
+    Ready with an active token, expired samples, refresh tokens spent twice (the IdP's
+    count, plus ``reused_before`` from before an IdP restart, or the proxy's, whichever
+    is more), secrets in the cluster's Events/status and in ``logs``."""
+    problems = valid_token_problems(cluster, idp, names)
+    counts.lost = len(problems)
+    counts.expired = sampler.expired_samples
+    counts.spent_twice = max(reused_before + idp.refresh_token_reuse_count(), proxy.refresh_tokens_spent_twice)
+    leaked = cluster.leak_report() + (scan_for_leaks(logs) if logs else [])
+    counts.leaked += len(leaked)
+    counts.details += problems + sampler.violations + leaked
 
 
 def valid_token_problems(cluster: Any, idp: Any, names: Iterable[str]) -> list[str]:
