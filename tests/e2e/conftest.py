@@ -67,26 +67,23 @@ E2E_KUBECONFIG = os.environ.get("TOKENSYNC_E2E_KUBECONFIG", "")
 SKIP_REASON = "TOKENSYNC_E2E_KUBECONFIG not set: no real cluster"
 
 
-def _seconds(name: str, default: float) -> float:
+def _knob(name: str, default: float, parse: type[float] | type[int], unit: str) -> Any:
     raw = os.environ.get(name, "") if E2E_KUBECONFIG else ""  # a stray knob must not break other tests
     try:
-        value = float(raw) if raw else default
+        value = parse(raw) if raw else default
     except ValueError:
-        raise pytest.UsageError(f"{name}={raw!r} is not a number of seconds") from None
+        raise pytest.UsageError(f"{name}={raw!r} is not {unit}") from None
     if value <= 0:
         raise pytest.UsageError(f"{name} must be positive")
     return value
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(_knob(name, default, float, "a number of seconds"))
 
 
 def _count(name: str, default: int) -> int:
-    raw = os.environ.get(name, "") if E2E_KUBECONFIG else ""
-    try:
-        value = int(raw) if raw else default
-    except ValueError:
-        raise pytest.UsageError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise pytest.UsageError(f"{name} must be positive")
-    return value
+    return int(_knob(name, default, int, "a whole number"))
 
 
 SOAK_SECONDS = _seconds("TOKENSYNC_E2E_SOAK_SECONDS", 90)
