@@ -112,6 +112,10 @@ def test_identity_provider_errors_and_outages(counts, kube, kube_api, make_idp):
 
 
 RETRY_AFTER = 3.0
+#: How long the rate-limiting gateway takes to answer. Retry-After counts from the
+#: answer (RFC 9110 10.2.3), so a slow 429 tells apart "3 s after the answer" from
+#: "3 s after the attempt began".
+SLOW_ANSWER = 0.5
 
 
 def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
@@ -135,6 +139,7 @@ def test_rate_limited_with_retry_after(counts, kube, kube_api, make_idp):
 
             proxy.set_fault(STATUS, status=429, headers={"Retry-After": str(int(RETRY_AFTER))},
                             body=b'{"error": "slow_down"}', match=first_two)  # fmt: skip
+            proxy.on_request = lambda request: time.sleep(SLOW_ANSWER) or False
             started = time.time()
             for name in names:
                 request_refresh(kube.url, "default", name, "2026-01-01T00:00:00Z")

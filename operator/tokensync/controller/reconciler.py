@@ -529,7 +529,9 @@ class Controller:
         try:
             await self._reconcile(entry, entry.credential, now)
         except Exception as exc:
-            await self._failed(entry, exc, now)
+            # Backoff and Retry-After count from the failure, not from the start of
+            # the attempt: a slow 429 would otherwise be retried early (RFC 9110 10.2.3).
+            await self._failed(entry, exc, self._clock())
         finally:
             leftover = self._clear_after_run.pop(entry.key, None)
             if leftover is not None:
