@@ -108,6 +108,23 @@ def test_token_inside_expiry_skew_is_renewed_early():
     assert len(idp.requests) == 2
 
 
+def test_a_slow_answer_does_not_stretch_the_token_past_the_idps_expiry():
+    """expires_in counts from issuance, before the answer arrived: the wait is not added to it."""
+    idp = FakeIdP(lifetime=60, delay=0.3)
+    before = utcnow()
+    token = manager(idp).token()
+    assert token.expires_at is not None
+    assert token.expires_at - before < timedelta(seconds=60.1), token.expires_at - before
+
+
+async def test_a_slow_answer_does_not_stretch_the_token_past_the_idps_expiry_async():
+    tm = async_manager(FakeIdP(lifetime=60), delay=0.3)
+    before = utcnow()
+    token = await tm.token()
+    assert token.expires_at is not None
+    assert token.expires_at - before < timedelta(seconds=60.1), token.expires_at - before
+
+
 def test_a_server_that_does_not_rotate_leaves_the_old_refresh_token_usable():
     idp = FakeIdP(rotate=False, valid_refresh={"refresh-0"})
     store = ListStore(expired())

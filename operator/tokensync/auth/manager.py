@@ -25,6 +25,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Generator
+from datetime import datetime
 from typing import Any, Protocol
 
 import httpx
@@ -38,7 +39,7 @@ from tokensync.auth.errors import (
 )
 from tokensync.auth.flow import Persist, Post, Step, parse_token_response, renew_flow
 from tokensync.auth.providers import AuthProvider
-from tokensync.models.tokens import TokenSet
+from tokensync.models.tokens import TokenSet, utcnow
 
 __all__ = ["AsyncTokenManager", "AsyncTokenStore", "Superseded", "TokenManager", "TokenStore"]
 
@@ -149,13 +150,16 @@ class _ManagerBase:
         return current.access_token.get_secret_value() != seen.access_token.get_secret_value()
 
     @staticmethod
-    def _parse(step: Post, response: httpx.Response) -> TokenSet:
+    def _parse(step: Post, response: httpx.Response, *, sent: datetime) -> TokenSet:
+        # expires_in counts from when the IdP issued the token, somewhere between
+        # sending and hearing back: counting from the send never overstates it.
         token_set = parse_token_response(
             response.status_code,
             response.headers,
             response.content,
             secrets=step.secrets,
             previous_refresh_token=step.previous_refresh_token,
+            now=sent,
         )
         logger.info(
             "token issued by %s grant (expires in %s)",
@@ -271,11 +275,12 @@ class TokenManager(_ManagerBase):
             return token_set
 
     def _send(self, step: Post) -> TokenSet:
+        sent = utcnow()
         try:
             response = self._http.post(self.token_url, data=step.data, headers=step.headers)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
-        return self._parse(step, response)
+        return self._parse(step, response, sent=sent)
 
 
 class AsyncTokenManager(_ManagerBase):
@@ -381,8 +386,9 @@ class AsyncTokenManager(_ManagerBase):
             return token_set
 
     async def _send(self, step: Post) -> TokenSet:
+        sent = utcnow()
         try:
             response = await self._http.post(self.token_url, data=step.data, headers=step.headers)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(exc) from None
-        return self._parse(step, response)
+        return self._parse(step, response, sent=sent)
