@@ -9,6 +9,7 @@ must make that never happen.
 
 from __future__ import annotations
 
+import json
 import time
 
 import redis
@@ -141,5 +142,42 @@ def test_redis_down_keeps_tokens_fresh_from_memory_and_says_so(kube, kube_api, m
     published = cluster.secret_data("api")["access_token"]
     assert stored.token_set.access_token.get_secret_value() == published
     assert idp.introspect(published)["active"]
+    assert idp.refresh_token_reuse_count("pw-client") == 0
+    assert not cluster.leak_report()
+
+
+def test_a_lease_left_by_a_dead_process_is_polled_not_hammered(kube, kube_api, make_idp, redis_url):
+    """A replica that died holding the lease: the survivor waits for it calmly, then renews.
+
+    The token pods hold is still good, so there is no hurry: the survivor looks at the
+    lease every few seconds, rather than in a loop against Redis until the lease runs out.
+    """
+    idp = make_idp(fresh=True, access_token_lifetime=30)
+    cluster = Cluster(kube_api)
+    seed(cluster, idp)
+    spec = {**password_spec(idp), "refresh": {"renewBeforePercentage": 90, "minInterval": "1s"}}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with running_operator(kube.url, settings=settings(redis_url, "survivor")):
+            cluster.apply_credential("api", spec)
+            wait_until(lambda: cluster.ready("api"), what="Ready")
+            first = cluster.secret_data("api")["access_token"]
+            # A replica took the lease and was SIGKILLed: its record stays until it expires.
+            seconds, micros = client.time()
+            held_until = seconds + micros / 1e6 + 12
+            client.set("tokensync:default/api:lease", json.dumps({"owner": "ghost", "until": held_until}))
+            client.config_resetstat()
+            # The renewal comes due about 3 s after issue and waits for the lease until it is released.
+            time.sleep(9)
+            calls = sum(stats["calls"] for name, stats in client.info("commandstats").items()
+                        if name not in ("cmdstat_info", "cmdstat_config", "cmdstat_time"))  # fmt: skip
+            assert cluster.secret_data("api")["access_token"] == first
+            assert cluster.ready("api"), cluster.condition("api")
+            assert calls <= 20, f"{calls} Redis commands in 9 s while waiting for a dead process's lease"
+            wait_until(lambda: cluster.secret_data("api")["access_token"] != first, timeout=15, what="renewed")
+            assert expires_in(cluster, "api") > 0
+            assert cluster.ready("api"), cluster.condition("api")
+    finally:
+        client.close()
     assert idp.refresh_token_reuse_count("pw-client") == 0
     assert not cluster.leak_report()

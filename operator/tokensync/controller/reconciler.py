@@ -565,6 +565,7 @@ class Controller:
             due = now >= refresh_time(token_set, refresh, identity=identity, jitter_fraction=jitter)
         renewed = False
         retry_at: datetime | None = None
+        lease_wait = False  # another process is refreshing: only its result is worth a look
         inputs_seen = entry.inputs_changes
         if due or forced or inputs_seen != entry.inputs_handled:
             values = await self._resolve(credential)
@@ -596,7 +597,8 @@ class Controller:
                         # Someone else is refreshing: read their result soon instead.
                         if token_set is None or not token_set.access_valid(skew, now=now):
                             raise LeaseHeldError("another operator process is refreshing this credential")
-                        retry_at = now + timedelta(seconds=2 + 2 * stable_fraction("lease", identity))
+                        lease_wait = True
+                        retry_at = self._clock() + timedelta(seconds=2 + 2 * stable_fraction("lease", identity))
                     else:
                         try:
                             fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if grant else None
@@ -631,13 +633,18 @@ class Controller:
         degraded: tuple[str, str] | None = None
         if store_problem is not None:
             entry.failed_attempts += 1
-            retry = now + timedelta(seconds=self._backoff_delay(entry))
+            retry = self._clock() + timedelta(seconds=self._backoff_delay(entry))
             retry_at = min(retry, retry_at) if retry_at is not None else retry
             degraded = ("StoreUnavailable", f"serving the token held in memory; {classify(store_problem).message}")
             logger.warning("%s/%s: %s (retry at %s)", *entry.key, degraded[1], _stamp(retry_at))
         else:
             entry.failed_attempts = 0
-        if retry_at is not None:
+        if lease_wait and retry_at is not None:
+            # The refresh time is already past (that is why we wanted the lease):
+            # min() with it would run again at once, in a loop against the store,
+            # for as long as the holder takes, or its TTL if it died.
+            next_at = retry_at
+        elif retry_at is not None:
             next_at = min(next_at, retry_at)
         entry.inputs_handled = inputs_seen  # only now: a failed grant must not forget that inputs changed
         status = self._success_status(
