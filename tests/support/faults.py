@@ -136,6 +136,8 @@ class ProxiedRequest:
     status: int | None = None  # what the operator received; None: a reset
     forwarded: bool = False  # the IdP saw it
     done_at: float | None = None
+    #: When the proxy began writing its own (fault) answer: no later than the operator heard it.
+    answered_at: float | None = None
     #: The refresh token in the IdP's answer, once the operator was sent that answer.
     delivered_refresh_token: str | None = field(default=None, repr=False)
 
@@ -378,6 +380,7 @@ class FaultProxy:
                 status = fault.status if fault.mode == STATUS else 200
                 payload = fault.body or (b"<html>upstream exploded" if fault.mode == GARBAGE else b"")
                 content_type = "application/json" if fault.mode == GARBAGE else "text/plain"
+                record.answered_at = time.time()
                 self._respond(handler, status, {"Content-Type": content_type, **fault.headers}, payload)
                 record.status = status
                 return

@@ -452,6 +452,11 @@ class Controller:
             last = _parse_stamp(entry.status.get("lastFailureTime"))
             if last is not None:
                 when = max(when, last.timestamp() + self._backoff_delay(entry, now=last))
+            # The retry that process planned also holds an IdP's Retry-After, which the
+            # backoff alone forgets. Stamps are whole seconds, rounded down.
+            planned = _parse_stamp(entry.status.get("nextRefreshTime"))
+            if planned is not None:
+                when = max(when, planned.timestamp() + 1)
         self.scheduler.schedule(key, when)
 
     def observe_secret(self, body: dict[str, Any], event_type: str | None) -> None:
