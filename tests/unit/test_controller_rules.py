@@ -343,3 +343,45 @@ def test_after_a_spec_change_failures_never_report_the_old_token_as_ready():
     entry.status = first
     second = controller._failure_status(entry, outage, NOW)
     assert second["conditions"][0]["status"] == "False"  # was True: Ready for generation 2 with a gen-1 token
+
+
+def test_a_restart_in_a_failure_streak_waits_for_the_planned_retry_even_as_secrets_are_listed():
+    """Listing Secrets at start-up says what exists, not what changed: no early retry."""
+    from tokensync.controller import Controller, KubeClient
+    from tokensync.models.settings import OperatorSettings
+
+    controller = Controller(
+        kube=KubeClient.for_url("http://127.0.0.1:1"), settings=OperatorSettings(), clock=lambda: NOW
+    )
+    spec = credential().model_dump(by_alias=True, mode="json")["spec"]
+    spec["grant"]["clientSecretRef"]["name"] = "client"
+    planned = NOW + timedelta(seconds=60)  # a 429 said Retry-After: 60 before the restart
+    status = {
+        "observedGeneration": 1,
+        "failedAttempts": 1,
+        "lastFailureTime": "2026-01-01T00:00:00Z",
+        "nextRefreshTime": "2026-01-01T00:01:00Z",
+    }
+    meta = {"name": "api", "namespace": "team", "uid": "uid-1", "generation": 1}
+    controller.observe({"metadata": meta, "spec": spec, "status": status}, None)
+    key = ("team", "api")
+    assert controller.scheduler.due_time(key) == planned.timestamp() + 1
+
+    def secret(name, role, version, annotations=None):
+        return {"metadata": {"name": name, "namespace": "team", "resourceVersion": version,
+                             "labels": {"tokensync.dev/role": role}, "annotations": annotations or {}}}  # fmt: skip
+
+    target = secret("api", "target", "7", {"tokensync.dev/credential": "api"})
+    source = secret("client", "source", "3")
+    controller.observe_secret(target, None)
+    controller.observe_secret(source, None)
+    assert controller.scheduler.due_time(key) == planned.timestamp() + 1
+    # The same listing again (a watch reconnecting) is still nothing new ...
+    controller.observe_secret(source, None)
+    assert controller.scheduler.due_time(key) == planned.timestamp() + 1
+    # ... but a client secret changed while unwatched is, and so is an edit of the target.
+    controller.observe_secret(secret("client", "source", "4"), None)
+    assert controller.scheduler.due_time(key) == NOW.timestamp()
+    controller.scheduler.schedule(key, planned.timestamp())
+    controller.observe_secret({**target, "metadata": {**target["metadata"], "resourceVersion": "8"}}, "MODIFIED")
+    assert controller.scheduler.due_time(key) == NOW.timestamp()

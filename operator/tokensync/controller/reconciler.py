@@ -253,6 +253,8 @@ class Entry:
     store: AsyncCredentialStore[StoredCredential] | None = None
     manager: AsyncTokenManager | None = None
     manager_key: tuple[str, str] | None = None
+    #: The target Secret's resourceVersion as this process last wrote or checked it;
+    #: None until its first run got that far.
     written_target_version: str | None = None
     # What the running attempt works on, fixed when it starts: observe() may change
     # generation and refresh_request meanwhile, and the status must describe the
@@ -377,6 +379,9 @@ class Controller:
         self._clock = clock
         self._entries: dict[Key, Entry] = {}
         self._sources: dict[Key, set[Key]] = {}
+        #: resourceVersion of each watched source Secret when last seen, to tell a listing
+        #: that repeats what was seen from one that shows a change made while unwatched.
+        self._source_versions: dict[Key, str | None] = {}
         self._discovery = DiscoveryCache(ttl=settings.discovery_ttl)
         self.limiter = EndpointLimiter(
             concurrency=settings.endpoint_concurrency, rate=settings.endpoint_rate, burst=settings.endpoint_burst
@@ -468,14 +473,25 @@ class Controller:
             self.secrets.drop(namespace, name)
         elif role in ("target", "state"):
             self.secrets.put(body)
+        # A listing (event_type None: a start, or a watch that reconnected) says what
+        # exists, not what changed. What this process has not looked at yet, its
+        # pending run looks at anyway; running it now would jump a failure
+        # streak's backoff (and an IdP's Retry-After) on every restart.
+        listing = event_type is None
         if role == "target":
             owner = (meta.get("annotations") or {}).get(CREDENTIAL_ANNOTATION)
             entry = self._entries.get((namespace, owner)) if owner else None
-            if entry is not None and (
-                event_type == "DELETED" or meta.get("resourceVersion") != entry.written_target_version
-            ):
+            if entry is None or (listing and entry.written_target_version is None):
+                return
+            if event_type == "DELETED" or meta.get("resourceVersion") != entry.written_target_version:
                 self.scheduler.run_now(entry.key)  # someone else edited or deleted it: repair
         elif role == "source" or (namespace, name) in self._sources:
+            version = meta.get("resourceVersion")
+            seen = self._source_versions.pop((namespace, name), None)
+            if event_type != "DELETED":
+                self._source_versions[(namespace, name)] = version
+            if listing and seen in (None, version):
+                return
             for key in self._sources.get((namespace, name), ()):
                 entry = self._entries.get(key)
                 if entry is not None:
@@ -929,6 +945,7 @@ class Controller:
                             "delete it or choose another target.secretName"
                         )
                     if not secret_differs(actual, desired):
+                        entry.written_target_version = (actual.get("metadata") or {}).get("resourceVersion")
                         break
                     if (actual.get("type") or "Opaque") != desired["type"]:
                         await self.secrets.delete_secret(namespace, name)  # type is immutable
