@@ -117,6 +117,9 @@ logger = logging.getLogger("tokensync.controller")
 
 Key = tuple[str, str]  # (namespace, name)
 REFRESH_ANNOTATION = "tokensync.dev/refresh-requested-at"
+#: Seconds between looks at another process's lease, at least: a read of the store
+#: and a lease attempt each time, never an IdP request.
+LEASE_POLL_MIN = 0.25
 
 StoreFactory = Callable[[OAuthCredential], AsyncCredentialStore[StoredCredential]]
 
@@ -619,7 +622,13 @@ class Controller:
                         if token_set is None or not token_set.access_valid(skew, now=now):
                             raise LeaseHeldError("another operator process is refreshing this credential")
                         lease_wait = True
-                        retry_at = self._clock() + timedelta(seconds=2 + 2 * stable_fraction("lease", identity))
+                        wait = 2 + 2 * stable_fraction("lease", identity)
+                        if token_set.expires_at is not None:
+                            # Look again before the token pods hold runs out: the holder
+                            # usually finishes in well under a second.
+                            left = (token_set.expires_at - now).total_seconds()
+                            wait = min(wait, max(LEASE_POLL_MIN, left / 2))
+                        retry_at = self._clock() + timedelta(seconds=wait)
                     else:
                         try:
                             fresher = await self._fresher(store, stored, spec_fp, inputs_fp) if grant else None
