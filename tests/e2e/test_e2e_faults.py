@@ -62,6 +62,7 @@ from support.faults import (
     KillSwitch,
     SecretSampler,
     cc_spec,
+    check_refusal,
     counting,
     credential_world,
     hostile_specs,
@@ -346,8 +347,6 @@ def test_outage_shorter_than_the_token_life_is_invisible(request, cluster, world
 
 # -- 2. hostile specs --------------------------------------------------------------------------------
 
-#: The longest status message a human can still read in `kubectl describe`.
-MAX_MESSAGE = 4096
 HOSTILE_LIFETIME = 10
 
 
@@ -424,12 +423,7 @@ def test_hostile_specs(request, cluster, world, api, make_idp, counts):
                     if condition is None:
                         counts.check(False, f"{name}: no Ready condition other than Progressing within 30 s")
                         continue
-                    message = condition.get("message", "")
-                    counts.details.append(f"{name}: {condition['status']} {condition['reason']}: {message[:160]}")
-                    counts.check(condition["status"] == "False", f"{name}: Ready is {condition['status']}")
-                    counts.check(condition["reason"] == reason, f"{name}: reason {condition['reason']}, not {reason}")
-                    counts.check(field in message, f"{name}: the message does not name {field}: {message[:300]}")
-                    counts.check(len(message) <= MAX_MESSAGE, f"{name}: a {len(message)}-character message")
+                    check_refusal(counts, name, condition, reason, field)
                     if reason != "SecretConflict":
                         counts.check(world.secret(name) is None, f"{name}: a target Secret was written")
                 # The healthy credential kept being renewed all along.

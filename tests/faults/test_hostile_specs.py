@@ -14,12 +14,16 @@ import time
 
 import kubernetes.client
 
-from support.faults import FaultProxy, SecretSampler, credential_world, hostile_specs, valid_token_problems
+from support.faults import (
+    FaultProxy,
+    SecretSampler,
+    check_refusal,
+    credential_world,
+    hostile_specs,
+    valid_token_problems,
+)
 from support.operator import Cluster, eventually, running_operator, wait_until
 from tokensync.models.settings import OperatorSettings
-
-#: The longest status message a human can still read in `kubectl describe`.
-MAX_MESSAGE = 4096
 
 
 class _Crashes(logging.Handler):
@@ -72,12 +76,7 @@ def test_hostile_specs(counts, kube, kube_api, make_idp):
                     except AssertionError as exc:
                         counts.check(False, f"{name}: no condition: {exc}")
                         continue
-                    message = condition.get("message", "")
-                    counts.details.append(f"{name}: {condition['status']} {condition['reason']}: {message[:160]}")
-                    counts.check(condition["status"] == "False", f"{name}: Ready is {condition['status']}")
-                    counts.check(condition["reason"] == reason, f"{name}: reason {condition['reason']}, not {reason}")
-                    counts.check(field in message, f"{name}: the message does not name {field}: {message[:300]}")
-                    counts.check(len(message) <= MAX_MESSAGE, f"{name}: a {len(message)}-character message")
+                    check_refusal(counts, name, condition, reason, field)
                     counts.check(
                         cluster.secret(name) is None or name == "foreign-target",
                         f"{name}: a target Secret was written for an invalid spec",

@@ -860,6 +860,20 @@ def cc_spec(token_url: str, **changes: Any) -> dict[str, Any]:
     return spec
 
 
+#: The longest status message a human can still read in `kubectl describe`.
+MAX_MESSAGE = 4096
+
+
+def check_refusal(counts: Counts, name: str, condition: dict[str, Any], reason: str, field: str) -> None:
+    """A hostile spec's Ready condition: False, for ``reason``, naming ``field``, readable."""
+    message = condition.get("message", "")
+    counts.details.append(f"{name}: {condition['status']} {condition['reason']}: {message[:160]}")
+    counts.check(condition["status"] == "False", f"{name}: Ready is {condition['status']}")
+    counts.check(condition["reason"] == reason, f"{name}: reason {condition['reason']}, not {reason}")
+    counts.check(field in message, f"{name}: the message does not name {field}: {message[:300]}")
+    counts.check(len(message) <= MAX_MESSAGE, f"{name}: a {len(message)}-character message")
+
+
 def hostile_specs(
     token_url: str, *, prefix: str = "", victim: str = "victim", victim_secret: str = "cc-src", foreign: str = "foreign"
 ) -> dict[str, tuple[dict[str, Any], str, str]]:
