@@ -76,7 +76,7 @@ from tokensync.controller.outcomes import (
     classify,
     conditions,
 )
-from tokensync.controller.schedule import Scheduler, backoff_delay, refresh_time, stable_fraction
+from tokensync.controller.schedule import Scheduler, backoff_delay, before_expiry, refresh_time, stable_fraction
 from tokensync.controller.secrets import (
     CREDENTIAL_ANNOTATION,
     ROLE_LABEL,
@@ -622,12 +622,12 @@ class Controller:
                         if token_set is None or not token_set.access_valid(skew, now=now):
                             raise LeaseHeldError("another operator process is refreshing this credential")
                         lease_wait = True
-                        wait = 2 + 2 * stable_fraction("lease", identity)
-                        if token_set.expires_at is not None:
-                            # Look again before the token pods hold runs out: the holder
-                            # usually finishes in well under a second.
-                            left = (token_set.expires_at - now).total_seconds()
-                            wait = min(wait, max(LEASE_POLL_MIN, left / 2))
+                        # Look again before the token pods hold runs out: the holder
+                        # usually finishes in well under a second.
+                        left = (
+                            (token_set.expires_at - now).total_seconds() if token_set.expires_at is not None else None
+                        )
+                        wait = before_expiry(2 + 2 * stable_fraction("lease", identity), left, floor=LEASE_POLL_MIN)
                         retry_at = self._clock() + timedelta(seconds=wait)
                     else:
                         try:

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from tokensync.models.credential import RefreshSpec, parse_duration
 from tokensync.models.tokens import TokenSet
 
-__all__ = ["Scheduler", "backoff_delay", "refresh_time", "stable_fraction"]
+__all__ = ["Scheduler", "backoff_delay", "before_expiry", "refresh_time", "stable_fraction"]
 
 logger = logging.getLogger("tokensync.scheduler")
 
@@ -89,6 +89,16 @@ def refresh_time(token_set: TokenSet, spec: RefreshSpec, *, identity: str, jitte
 MIN_RETRY_SPACING = 1.0
 
 
+def before_expiry(delay: float, valid_for: float | None, *, floor: float = MIN_RETRY_SPACING) -> float:
+    """``delay``, but while ``valid_for`` > 0 at most half of it (never under ``floor``).
+
+    Waits that close in on the expiry of the token pods hold instead of jumping past it.
+    """
+    if valid_for is None or valid_for <= 0:
+        return delay
+    return min(delay, max(floor, valid_for / 2))
+
+
 def backoff_delay(
     attempts: int,
     *,
@@ -109,9 +119,7 @@ def backoff_delay(
     """
     base = min(maximum, initial * 2 ** max(0, attempts - 1))
     jittered = base * (0.8 + 0.4 * stable_fraction(identity, attempts))
-    delay: float = min(maximum, jittered)
-    if valid_for is not None and valid_for > 0:
-        delay = min(delay, max(MIN_RETRY_SPACING, valid_for / 2))
+    delay = before_expiry(min(maximum, jittered), valid_for)
     if retry_after is not None:
         delay = max(delay, min(retry_after, 3600.0))
     return delay
